@@ -1,0 +1,189 @@
+//! One connected client as the hub sees it: who it is, which rooms it is in,
+//! its outbound queue, and the timestamps the deadline sweeper reads.
+//!
+//! Kept small on purpose: an idle connection costs this struct, its task and
+//! its socket, nothing more (`docs/design.md`, "Memory per connection").
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde::ser::{Serialize, SerializeSeq, Serializer};
+use tokio::task::AbortHandle;
+
+use crate::hub::Room;
+use crate::lock;
+use crate::outbox::Outbox;
+use crate::protocol::UserView;
+
+/// Identifies a connection for the lifetime of the process.
+pub type ConnId = u64;
+
+/// A set of roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Roles(u8);
+
+impl Roles {
+    /// A member of the community (every user).
+    pub const MEMBER: Roles = Roles(1);
+    /// May mute, kick and ban.
+    pub const MODERATOR: Roles = Roles(2);
+    /// May do everything, including configuration.
+    pub const ADMIN: Roles = Roles(4);
+
+    const NAMES: [(Roles, &'static str); 3] = [
+        (Self::MEMBER, "member"),
+        (Self::MODERATOR, "moderator"),
+        (Self::ADMIN, "admin"),
+    ];
+
+    /// Whether every role in `other` is in `self`.
+    pub fn contains(self, other: Roles) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The role names, in a stable order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMES.into_iter().filter(move |(r, _)| self.contains(*r)).map(|(_, n)| n)
+    }
+}
+
+impl std::ops::BitOr for Roles {
+    type Output = Roles;
+    fn bitor(self, rhs: Roles) -> Roles {
+        Roles(self.0 | rhs.0)
+    }
+}
+
+impl Serialize for Roles {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(None)?;
+        for name in self.names() {
+            seq.serialize_element(name)?;
+        }
+        seq.end()
+    }
+}
+
+/// Who a client is. Replaced whole (never edited) when the nickname changes,
+/// so readers take a snapshot and hold no lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Stable user id; `guest:<session>` for guests.
+    pub user_id: Box<str>,
+    /// Current nickname.
+    pub nick: Box<str>,
+    /// Roles.
+    pub roles: Roles,
+}
+
+impl Identity {
+    /// The identity as other clients see it.
+    pub fn view(&self) -> UserView<'_> {
+        UserView {
+            id: &self.user_id,
+            nick: &self.nick,
+            roles: self.roles,
+        }
+    }
+}
+
+/// A connected client.
+#[derive(Debug)]
+pub struct Client {
+    /// Connection id, unique in this process.
+    pub id: ConnId,
+    /// Session id sent in `welcome` (random, so it cannot be guessed).
+    pub session: u64,
+    /// The client's address (the socket's, or the trusted proxy's client).
+    pub addr: IpAddr,
+    /// Frames waiting to be written to this client.
+    pub outbox: Outbox,
+    /// Who the client is; swapped whole on a nickname change.
+    identity: Mutex<Arc<Identity>>,
+    /// Rooms the client is in. Only the client's own task and disconnect
+    /// change it; the hub reads it to check membership.
+    pub(crate) rooms: Mutex<Vec<Arc<Room>>>,
+    /// Hub clock (ms) when the connection was upgraded.
+    connected_at: u64,
+    /// Hub clock (ms) of the last bytes received; 0 before the first frame.
+    last_rx: AtomicU64,
+    /// Hub clock (ms) of the last ping sent.
+    last_ping: AtomicU64,
+    /// Lets the sweeper end a connection whose close handshake overran.
+    task: OnceLock<AbortHandle>,
+}
+
+impl Client {
+    /// A new client with a placeholder identity (set by the hub on register).
+    pub fn new(id: ConnId, session: u64, addr: IpAddr, outbound_queue: usize, now: u64) -> Self {
+        Self {
+            id,
+            session,
+            addr,
+            outbox: Outbox::new(outbound_queue),
+            identity: Mutex::new(Arc::new(Identity {
+                user_id: format!("guest:{session:016x}").into(),
+                nick: "".into(),
+                roles: Roles::MEMBER,
+            })),
+            rooms: Mutex::new(Vec::new()),
+            connected_at: now,
+            last_rx: AtomicU64::new(0),
+            last_ping: AtomicU64::new(0),
+            task: OnceLock::new(),
+        }
+    }
+
+    /// A snapshot of who the client is.
+    pub fn identity(&self) -> Arc<Identity> {
+        lock(&self.identity).clone()
+    }
+
+    pub(crate) fn set_identity(&self, identity: Identity) {
+        *lock(&self.identity) = Arc::new(identity);
+    }
+
+    /// The session id as sent in `welcome`.
+    pub fn session_str(&self) -> String {
+        format!("{:016x}", self.session)
+    }
+
+    /// Records that bytes arrived at hub clock `now`.
+    pub fn touch(&self, now: u64) {
+        self.last_rx.store(now.max(1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn connected_at(&self) -> u64 {
+        self.connected_at
+    }
+
+    pub(crate) fn last_rx(&self) -> Option<u64> {
+        Some(self.last_rx.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
+    pub(crate) fn last_ping(&self) -> u64 {
+        self.last_ping.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_last_ping(&self, now: u64) {
+        self.last_ping.store(now, Ordering::Relaxed);
+    }
+
+    /// Remembers the task serving this client, so it can be aborted.
+    pub fn set_task(&self, handle: AbortHandle) {
+        let _ = self.task.set(handle);
+    }
+
+    /// Ends the client's task at once (no close handshake).
+    pub fn abort(&self) {
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
+    }
+
+    /// Whether the client is in `room`.
+    pub fn room(&self, name: &str) -> Option<Arc<Room>> {
+        lock(&self.rooms).iter().find(|r| r.name() == name).cloned()
+    }
+}

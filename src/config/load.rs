@@ -1,0 +1,236 @@
+//! Loading a config file and reporting every problem in it.
+//!
+//! serde stops at the first error. To report all of them, the document is
+//! parsed once with spans, then deserialized repeatedly: each failure is
+//! recorded with its place in the file, the offending key is removed from the
+//! document, and deserialization is tried again, until it succeeds. The
+//! semantic checks then run on the result.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::Config;
+
+/// One problem in a config file, at a line and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line of the offending key or value.
+    pub line: usize,
+    /// 1-based column (in characters) of the offending key or value.
+    pub column: usize,
+    /// Dotted path of the offending key, e.g. `server.bind`, when there is one.
+    pub key: Option<String>,
+    /// What is wrong, and where possible how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.line, self.column)?;
+        if let Some(key) = &self.key {
+            write!(f, "`{key}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct Problems {
+    /// The file the problems are in (empty for text parsed directly).
+    pub path: PathBuf,
+    /// The problems, in the order they were found.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        writeln!(
+            f,
+            "{}: {count} problem{}",
+            self.path.display(),
+            if count == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.problems {
+            writeln!(f, "  {}:{problem}", self.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and loads the config file at `path`.
+pub fn load_file(path: &Path) -> Result<Config, Problems> {
+    let text = std::fs::read_to_string(path).map_err(|e| Problems {
+        path: path.to_owned(),
+        problems: vec![Problem {
+            line: 1,
+            column: 1,
+            key: None,
+            message: format!("cannot read the file: {e}"),
+        }],
+    })?;
+    parse(&text).map_err(|problems| Problems {
+        path: path.to_owned(),
+        problems,
+    })
+}
+
+/// Loads a config from TOML text, returning every problem found.
+pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    let (mut doc, syntax_errors) = DeTable::parse_recoverable(text);
+    if !syntax_errors.is_empty() {
+        let mut problems: Vec<Problem> = syntax_errors
+            .iter()
+            .map(|e| Problem::at(text, e.span().map_or(0, |s| s.start), None, e.message()))
+            .collect();
+        problems.sort_by_key(|p| (p.line, p.column));
+        return Err(problems);
+    }
+
+    let mut problems = Vec::new();
+    let config = loop {
+        let deserializer = toml::de::Deserializer::from(doc.clone());
+        match Config::deserialize(deserializer) {
+            Ok(config) => break Some(config),
+            Err(e) => {
+                let start = e.span().map_or(0, |s| s.start);
+                let removed = e.span().and_then(|span| remove_entry_at(doc.get_mut(), &span));
+                let stop = removed.is_none();
+                problems.push(Problem::at(text, start, removed, e.message()));
+                if stop {
+                    // Nothing left to remove: further attempts would repeat this error.
+                    break None;
+                }
+            }
+        }
+    };
+
+    if let Some(config) = &config {
+        for (key, message) in config.semantic_problems() {
+            let start = key_span(doc.get_ref(), key).map_or(0, |s| s.start);
+            problems.push(Problem::at(text, start, Some(key.to_owned()), &message));
+        }
+    }
+    problems.sort_by_key(|p| (p.line, p.column));
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(problems),
+    }
+}
+
+impl Problem {
+    fn at(text: &str, offset: usize, key: Option<String>, message: &str) -> Self {
+        let before = &text[..floor_char_boundary(text, offset)];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        Self {
+            line,
+            column,
+            key,
+            message: message.trim().to_owned(),
+        }
+    }
+}
+
+fn floor_char_boundary(text: &str, offset: usize) -> usize {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    offset
+}
+
+/// Removes the innermost entry whose key or value contains `span` and returns
+/// its dotted path. Tables (whose spans cover only their headers) and arrays
+/// of tables are searched entry by entry; other values count as one entry.
+fn remove_entry_at(table: &mut DeTable<'_>, span: &Range<usize>) -> Option<String> {
+    let contains = |outer: Range<usize>| outer.start <= span.start && span.end <= outer.end;
+    let mut found = None;
+    for (key, value) in table.iter_mut() {
+        let inner = match value.get_mut() {
+            DeValue::Table(inner) => remove_entry_at(inner, span).map(|path| format!(".{path}")),
+            DeValue::Array(items) => items.iter_mut().enumerate().find_map(|(i, item)| match item.get_mut() {
+                DeValue::Table(inner) => remove_entry_at(inner, span).map(|path| format!("[{i}].{path}")),
+                _ => None,
+            }),
+            _ => None,
+        };
+        if let Some(path) = inner {
+            return Some(format!("{}{path}", key.get_ref()));
+        }
+        if contains(key.span()) || contains(value.span()) {
+            found = Some(key.get_ref().to_string());
+            break;
+        }
+    }
+    let name = found?;
+    table.remove(name.as_str());
+    Some(name)
+}
+
+/// The span of the key at a dotted path, or of its nearest enclosing table
+/// present in the file.
+fn key_span(table: &DeTable<'_>, dotted: &str) -> Option<Range<usize>> {
+    let (first, rest) = match dotted.split_once('.') {
+        Some((first, rest)) => (first, Some(rest)),
+        None => (dotted, None),
+    };
+    let (key, value): (&Spanned<_>, &Spanned<DeValue<'_>>) = table.get_key_value(first)?;
+    match (rest, value.get_ref()) {
+        (Some(rest), DeValue::Table(inner)) => key_span(inner, rest).or(Some(key.span())),
+        _ => Some(key.span()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = parse("").expect("an empty file is valid");
+        assert_eq!(config.server.bind.port(), 8080);
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_place() {
+        let text = "[server]\nbnd = \"x\"\n\n[limits]\nmax_frame_bytes = \"big\"\noutbound_queue = 0\n";
+        let problems = parse(text).expect_err("three mistakes");
+        let summary: Vec<_> = problems
+            .iter()
+            .map(|p| (p.line, p.column, p.key.clone().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (2, 1, "server.bnd".to_owned()),
+                (5, 19, "limits.max_frame_bytes".to_owned()),
+                (6, 1, "limits.outbound_queue".to_owned()),
+            ],
+            "{problems:#?}"
+        );
+        assert!(problems[0].message.contains("unknown field `bnd`"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn reports_every_syntax_error() {
+        let problems = parse("a = \"unterminated\nb = 1\nc = ]\n").expect_err("two syntax errors");
+        let lines: Vec<_> = problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, [1, 3], "{problems:#?}");
+    }
+
+    #[test]
+    fn semantic_problems_point_at_the_key() {
+        let problems = parse("[timeouts]\nping_interval = \"30s\"\nidle = \"10s\"\n").expect_err("idle < ping");
+        assert_eq!(problems.len(), 1);
+        assert_eq!((problems[0].line, problems[0].column), (3, 1));
+        assert_eq!(problems[0].key.as_deref(), Some("timeouts.idle"));
+    }
+}

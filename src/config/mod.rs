@@ -1,0 +1,285 @@
+//! The configuration: one TOML file, its schema, and loading it with every
+//! problem reported at its place in the file.
+//!
+//! Loading is one path used everywhere (start-up, `wardroom check`): parse the
+//! text, deserialize it into [`Config`], run the semantic checks, and either
+//! return the whole config or every [`Problem`] found.
+
+mod duration;
+mod load;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use load::{Problem, Problems, load_file, parse};
+
+/// The whole configuration file. Every section is optional; a missing key takes
+/// the default documented in `docs/configuration.md`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where to listen.
+    pub server: ServerConfig,
+    /// Size limits enforced by the WebSocket layer and the outbound queues.
+    pub limits: LimitsConfig,
+    /// Room limits and history.
+    pub rooms: RoomsConfig,
+    /// Connection deadlines.
+    pub timeouts: TimeoutsConfig,
+    /// Nickname rules for guests.
+    pub nicknames: NicknamesConfig,
+    /// Log output.
+    pub log: LogConfig,
+}
+
+/// `[server]`: the listening socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address and port to listen on. Changing it needs a restart.
+    pub bind: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+/// `[limits]`: sizes, enforced before anything is buffered whole.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest single WebSocket frame a client may send, in bytes.
+    pub max_frame_bytes: usize,
+    /// Largest WebSocket message (all fragments together), in bytes.
+    pub max_message_bytes: usize,
+    /// Frames that may wait for one client before it is closed as a slow consumer.
+    pub outbound_queue: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 16 * 1024,
+            max_message_bytes: 16 * 1024,
+            outbound_queue: 1024,
+        }
+    }
+}
+
+/// `[rooms]`: how many rooms, how big, and how much history each keeps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// Rooms that may exist at once.
+    pub max_rooms: usize,
+    /// Members one room may hold.
+    pub max_members: usize,
+    /// Rooms one connection may be in at once.
+    pub max_rooms_per_connection: usize,
+    /// Longest room name, in characters.
+    pub max_name_chars: usize,
+    /// Messages a room keeps for `joined` and `history`.
+    pub history_kept: usize,
+    /// Messages sent in `joined`.
+    pub history_on_join: usize,
+    /// Largest page a `history` request returns.
+    pub history_page_max: usize,
+    /// Rooms larger than this send no presence events and list only this many
+    /// members in `joined`, so that a crowd joining does not cost O(n²) frames.
+    pub presence_max_members: usize,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self {
+            max_rooms: 10_000,
+            max_members: 20_000,
+            max_rooms_per_connection: 20,
+            max_name_chars: 64,
+            history_kept: 1_000,
+            history_on_join: 50,
+            history_page_max: 200,
+            presence_max_members: 1_000,
+        }
+    }
+}
+
+/// `[timeouts]`: deadlines, written as `"10s"`, `"500ms"`, `"2m"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// A client must send its first frame within this time of the upgrade.
+    #[serde(with = "duration")]
+    pub first_frame: Duration,
+    /// The server pings a client that has been quiet for this long.
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    /// A client from which nothing (not even a pong) arrives for this long is closed.
+    #[serde(with = "duration")]
+    pub idle: Duration,
+    /// How long a closing connection may take to finish the close handshake.
+    #[serde(with = "duration")]
+    pub close: Duration,
+    /// On shutdown, how long clients get to receive what is queued for them.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            first_frame: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            idle: Duration::from_secs(75),
+            close: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[nicknames]`: what a guest may call themselves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NicknamesConfig {
+    /// Shortest nickname, in characters.
+    pub min_chars: usize,
+    /// Longest nickname, in characters.
+    pub max_chars: usize,
+}
+
+impl Default for NicknamesConfig {
+    fn default() -> Self {
+        Self {
+            min_chars: 2,
+            max_chars: 24,
+        }
+    }
+}
+
+/// `[log]`: log format and default level.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `pretty` for people, `json` for log collectors.
+    pub format: LogFormat,
+    /// Filter used when `RUST_LOG` is not set, e.g. `info` or `wardroom=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// Semantic checks that serde cannot express: ranges and relations between
+    /// keys. Returns `(dotted key, message)` for every violation.
+    fn semantic_problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &'static str, message: String| {
+            if !ok {
+                problems.push((key, message));
+            }
+        };
+        let limits = &self.limits;
+        check(
+            (16..=16 * 1024 * 1024).contains(&limits.max_frame_bytes),
+            "limits.max_frame_bytes",
+            format!("must be between 16 and 16777216, got {}", limits.max_frame_bytes),
+        );
+        check(
+            (16..=64 * 1024 * 1024).contains(&limits.max_message_bytes),
+            "limits.max_message_bytes",
+            format!("must be between 16 and 67108864, got {}", limits.max_message_bytes),
+        );
+        check(
+            limits.max_message_bytes >= limits.max_frame_bytes,
+            "limits.max_message_bytes",
+            format!(
+                "must be at least limits.max_frame_bytes ({}), got {}",
+                limits.max_frame_bytes, limits.max_message_bytes
+            ),
+        );
+        check(
+            (1..=1_000_000).contains(&limits.outbound_queue),
+            "limits.outbound_queue",
+            format!("must be between 1 and 1000000, got {}", limits.outbound_queue),
+        );
+
+        let rooms = &self.rooms;
+        for (key, value) in [
+            ("rooms.max_rooms", rooms.max_rooms),
+            ("rooms.max_members", rooms.max_members),
+            ("rooms.max_rooms_per_connection", rooms.max_rooms_per_connection),
+            ("rooms.max_name_chars", rooms.max_name_chars),
+            ("rooms.history_page_max", rooms.history_page_max),
+        ] {
+            check(value >= 1, key, format!("must be at least 1, got {value}"));
+        }
+        check(
+            rooms.history_on_join <= rooms.history_kept,
+            "rooms.history_on_join",
+            format!(
+                "must not exceed rooms.history_kept ({}), got {}",
+                rooms.history_kept, rooms.history_on_join
+            ),
+        );
+
+        let t = &self.timeouts;
+        for (key, value) in [
+            ("timeouts.first_frame", t.first_frame),
+            ("timeouts.ping_interval", t.ping_interval),
+            ("timeouts.idle", t.idle),
+            ("timeouts.close", t.close),
+        ] {
+            check(
+                value >= Duration::from_millis(10),
+                key,
+                format!("must be at least 10ms, got {value:?}"),
+            );
+        }
+        check(
+            t.idle > t.ping_interval,
+            "timeouts.idle",
+            format!(
+                "must be longer than timeouts.ping_interval ({:?}) or every client times out before it is pinged, got {:?}",
+                t.ping_interval, t.idle
+            ),
+        );
+
+        let n = &self.nicknames;
+        check(n.min_chars >= 1, "nicknames.min_chars", format!("must be at least 1, got {}", n.min_chars));
+        check(
+            n.max_chars >= n.min_chars && n.max_chars <= 64,
+            "nicknames.max_chars",
+            format!(
+                "must be between nicknames.min_chars ({}) and 64, got {}",
+                n.min_chars, n.max_chars
+            ),
+        );
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problems.push(("log.level", format!("is not a valid log filter: {e}")));
+        }
+        problems
+    }
+}

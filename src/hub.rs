@@ -1,0 +1,558 @@
+//! The hub: rooms, membership, nicknames, presence, per-room message ids and
+//! fan-out, plus the sweeper that enforces every connection deadline.
+//!
+//! Locking: `std::sync::Mutex`es held for short, synchronous sections and
+//! never across an `.await`. Order, when more than one is held: `rooms` →
+//! a room's state → a client's outbox or rooms list. `nicks` and `clients`
+//! are taken alone.
+//!
+//! Fan-out: a message is encoded once into a WebSocket frame and the same
+//! [`Bytes`] is pushed to every member's outbox while the room lock is held,
+//! so every member sees a room's messages in id order.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::client::{Client, ConnId, Identity, Roles};
+use crate::config::Config;
+use crate::lock;
+use crate::names::{fold_nick, validate_nick, validate_room};
+use crate::outbox::Pushed;
+use crate::protocol::{
+    ErrorCode, Limits, PresenceEvent, Ref, RequestError, ServerFrame, encode, encode_with_list, now_ms,
+};
+use crate::ws::{OpCode, encode_control, payload_of};
+
+/// Shared state of the chat: a cheap-to-clone handle is `Arc<Hub>`.
+#[derive(Debug)]
+pub struct Hub {
+    /// The configuration in force.
+    config: Arc<Config>,
+    /// Start of the hub clock used for deadlines (milliseconds).
+    epoch: Instant,
+    /// Rooms by name. A room exists while it has members.
+    rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    /// Folded nickname → the connection using it.
+    nicks: Mutex<HashMap<String, ConnId>>,
+    /// Every registered client, for the sweeper and for shutdown.
+    clients: Mutex<HashMap<ConnId, Arc<Client>>>,
+    /// Source of connection ids.
+    next_conn: AtomicU64,
+    /// Number of registered clients; shutdown waits for it to reach zero.
+    live: watch::Sender<usize>,
+    /// Set once shutdown starts: no new client is welcomed.
+    closing: AtomicBool,
+}
+
+/// A chat room.
+#[derive(Debug)]
+pub struct Room {
+    /// The room's name.
+    name: Arc<str>,
+    /// Members, ids and history; fan-out happens under this lock.
+    state: Mutex<RoomState>,
+}
+
+#[derive(Debug, Default)]
+struct RoomState {
+    /// Members by connection.
+    members: HashMap<ConnId, Arc<Client>>,
+    /// Id of the last message (ids start at 1).
+    last_id: u64,
+    /// Recent messages as encoded frames, oldest first, ids consecutive.
+    history: VecDeque<(u64, Bytes)>,
+    /// Set when the room was removed from the hub; a joiner must retry.
+    removed: bool,
+}
+
+impl Room {
+    /// The room's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A ping frame with an empty payload, shared by every ping.
+fn ping_frame() -> Bytes {
+    encode_control(OpCode::Ping, &[])
+}
+
+impl Hub {
+    /// A hub with no rooms or clients.
+    pub fn new(config: Arc<Config>) -> Self {
+        Self {
+            config,
+            epoch: Instant::now(),
+            rooms: Mutex::default(),
+            nicks: Mutex::default(),
+            clients: Mutex::default(),
+            next_conn: AtomicU64::new(1),
+            live: watch::Sender::new(0),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Milliseconds on the hub clock (for deadlines; not wall time).
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether shutdown has started.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Limits announced to clients.
+    fn limits(&self) -> Limits {
+        let c = &self.config;
+        Limits {
+            max_message_bytes: c.limits.max_message_bytes,
+            max_frame_bytes: c.limits.max_frame_bytes,
+            max_rooms_per_connection: c.rooms.max_rooms_per_connection,
+            history_page_max: c.rooms.history_page_max,
+        }
+    }
+
+    /// A client for a connection being upgraded. It counts as live (and is
+    /// under the sweeper's deadlines) from now until [`Hub::disconnect`];
+    /// [`Hub::register`] welcomes it once the upgrade completes.
+    pub fn new_client(&self, addr: IpAddr) -> Arc<Client> {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let client = Arc::new(Client::new(id, random_u64(), addr, self.config.limits.outbound_queue, self.now()));
+        lock(&self.clients).insert(id, client.clone());
+        self.live.send_modify(|n| *n += 1);
+        client
+    }
+
+    /// Admits an upgraded client: gives it a nickname (the requested one if
+    /// allowed, else a `guest-NNNN`) and sends `welcome`, then an `error` if the
+    /// requested nickname was refused.
+    pub fn register(&self, client: &Arc<Client>, requested_nick: Option<&str>) {
+        if self.is_closing() {
+            client.outbox.close(crate::ws::CloseCode::GOING_AWAY, "server shutting down", false);
+            return;
+        }
+        let refused = requested_nick.and_then(|nick| self.claim_nick(client.id, nick, None).err());
+        let nick = match (requested_nick, &refused) {
+            (Some(nick), None) => nick.to_owned(),
+            _ => self.claim_guest_nick(client.id),
+        };
+        let identity = Identity {
+            user_id: format!("guest:{}", client.session_str()).into(),
+            nick: nick.into(),
+            roles: Roles::MEMBER,
+        };
+        let session = client.session_str();
+        let limits = self.limits();
+        client.outbox.push(encode(&ServerFrame::Welcome {
+            protocol: crate::protocol::PROTOCOL_VERSION,
+            session: &session,
+            user: identity.view(),
+            limits: &limits,
+        }));
+        client.set_identity(identity);
+        if let Some(error) = refused {
+            client.outbox.push(error.to_frame());
+        }
+    }
+
+    /// Removes a client that disconnected: leaves its rooms (with presence
+    /// events) and frees its nickname.
+    pub fn disconnect(&self, client: &Arc<Client>) {
+        let rooms = std::mem::take(&mut *lock(&client.rooms));
+        let identity = client.identity();
+        for room in rooms {
+            self.remove_member(&room, client, &identity);
+        }
+        {
+            let mut nicks = lock(&self.nicks);
+            let key = fold_nick(&identity.nick);
+            if nicks.get(&key) == Some(&client.id) {
+                nicks.remove(&key);
+            }
+        }
+        if lock(&self.clients).remove(&client.id).is_some() {
+            self.live.send_modify(|n| *n -= 1);
+        }
+    }
+
+    /// Claims `nick` for connection `id`, releasing `previous` if given.
+    fn claim_nick(&self, id: ConnId, nick: &str, previous: Option<&str>) -> Result<(), RequestError> {
+        validate_nick(nick, &self.config.nicknames).map_err(|m| RequestError::new(ErrorCode::InvalidNick, m))?;
+        let key = fold_nick(nick);
+        let mut nicks = lock(&self.nicks);
+        match nicks.get(&key) {
+            Some(&owner) if owner != id => {
+                return Err(RequestError::new(
+                    ErrorCode::NickTaken,
+                    format!("the nickname {nick:?} is in use"),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(previous) = previous.map(fold_nick).filter(|p| *p != key) {
+            nicks.remove(&previous);
+        }
+        nicks.insert(key, id);
+        Ok(())
+    }
+
+    /// Picks a free `guest-NNNN` nickname, with more digits as guests grow.
+    fn claim_guest_nick(&self, id: ConnId) -> String {
+        let mut nicks = lock(&self.nicks);
+        let mut digits = 4u32;
+        loop {
+            for _ in 0..16 {
+                let low = 10u64.pow(digits - 1);
+                let n = low + random_u64() % (9 * low);
+                let nick = format!("guest-{n}");
+                if !nicks.contains_key(&nick) {
+                    nicks.insert(nick.clone(), id);
+                    return nick;
+                }
+            }
+            digits += 1;
+        }
+    }
+
+    /// Handles `nick`: changes the nickname and tells every room.
+    pub fn set_nick(&self, client: &Arc<Client>, nick: &str, reference: Option<&Ref>) -> Result<(), RequestError> {
+        let old = client.identity();
+        self.claim_nick(client.id, nick, Some(&old.nick))?;
+        let new = Identity {
+            nick: nick.into(),
+            ..(*old).clone()
+        };
+        client.outbox.push(encode(&ServerFrame::Renamed {
+            user: new.view(),
+            previous: &old.nick,
+            reference,
+        }));
+        client.set_identity(new);
+        let new = client.identity();
+        let rooms = lock(&client.rooms).clone();
+        for room in rooms {
+            let state = lock(&room.state);
+            if state.members.len() <= self.config.rooms.presence_max_members {
+                let frame = encode(&ServerFrame::Presence {
+                    room: &room.name,
+                    user: new.view(),
+                    event: PresenceEvent::Nick,
+                    previous: Some(&old.nick),
+                });
+                fan_out(&state, &frame, Some(client.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles `join`: enters (or creates) a room and answers `joined` with
+    /// the members and recent history; the other members get `presence`.
+    pub fn join(&self, client: &Arc<Client>, name: &str, reference: Option<&Ref>) -> Result<(), RequestError> {
+        let rooms_config = &self.config.rooms;
+        validate_room(name, rooms_config.max_name_chars).map_err(|m| RequestError::new(ErrorCode::InvalidRoom, m))?;
+        let already = client.room(name);
+        if already.is_none() && lock(&client.rooms).len() >= rooms_config.max_rooms_per_connection {
+            return Err(RequestError::new(
+                ErrorCode::TooManyRooms,
+                format!("one connection may be in at most {} rooms", rooms_config.max_rooms_per_connection),
+            ));
+        }
+        let identity = client.identity();
+        loop {
+            let room = match &already {
+                Some(room) => room.clone(),
+                None => self.room_for_join(name)?,
+            };
+            let mut state = lock(&room.state);
+            if state.removed {
+                continue;
+            }
+            let is_new = !state.members.contains_key(&client.id);
+            if is_new && state.members.len() >= rooms_config.max_members {
+                return Err(RequestError::new(
+                    ErrorCode::RoomFull,
+                    format!("room {name:?} is full ({} members)", rooms_config.max_members),
+                ));
+            }
+            if is_new {
+                state.members.insert(client.id, client.clone());
+            }
+            let joined = self.joined_frame(&room, &state, reference);
+            client.outbox.push(joined);
+            if is_new {
+                if state.members.len() <= rooms_config.presence_max_members {
+                    let frame = encode(&ServerFrame::Presence {
+                        room: &room.name,
+                        user: identity.view(),
+                        event: PresenceEvent::Join,
+                        previous: None,
+                    });
+                    fan_out(&state, &frame, Some(client.id));
+                }
+                drop(state);
+                lock(&client.rooms).push(room);
+            }
+            return Ok(());
+        }
+    }
+
+    /// The room called `name`, created if it does not exist and the room
+    /// limit allows.
+    fn room_for_join(&self, name: &str) -> Result<Arc<Room>, RequestError> {
+        let mut rooms = lock(&self.rooms);
+        if let Some(room) = rooms.get(name) {
+            return Ok(room.clone());
+        }
+        if rooms.len() >= self.config.rooms.max_rooms {
+            return Err(RequestError::new(
+                ErrorCode::RoomLimit,
+                format!("the server holds its maximum of {} rooms", self.config.rooms.max_rooms),
+            ));
+        }
+        let name: Arc<str> = name.into();
+        let room = Arc::new(Room {
+            name: name.clone(),
+            state: Mutex::default(),
+        });
+        rooms.insert(name, room.clone());
+        Ok(room)
+    }
+
+    fn joined_frame(&self, room: &Room, state: &RoomState, reference: Option<&Ref>) -> Bytes {
+        let identities: Vec<Arc<Identity>> = state
+            .members
+            .values()
+            .take(self.config.rooms.presence_max_members)
+            .map(|m| m.identity())
+            .collect();
+        let members: Vec<_> = identities.iter().map(|i| i.view()).collect();
+        let skip = state.history.len().saturating_sub(self.config.rooms.history_on_join);
+        encode_with_list(
+            &ServerFrame::Joined {
+                room: &room.name,
+                member_count: state.members.len(),
+                members: &members,
+                reference,
+            },
+            "history",
+            state.history.iter().skip(skip).map(|(_, frame)| payload_of(frame)),
+        )
+    }
+
+    /// Handles `leave`.
+    pub fn leave(&self, client: &Arc<Client>, name: &str, reference: Option<&Ref>) -> Result<(), RequestError> {
+        let room = {
+            let mut rooms = lock(&client.rooms);
+            let index = rooms.iter().position(|r| r.name() == name).ok_or_else(|| not_member(name))?;
+            rooms.swap_remove(index)
+        };
+        self.remove_member(&room, client, &client.identity());
+        client.outbox.push(encode(&ServerFrame::Left { room: name, reference }));
+        Ok(())
+    }
+
+    fn remove_member(&self, room: &Arc<Room>, client: &Client, identity: &Identity) {
+        let now_empty = {
+            let mut state = lock(&room.state);
+            if state.members.remove(&client.id).is_none() {
+                return;
+            }
+            if !state.members.is_empty() && state.members.len() < self.config.rooms.presence_max_members {
+                let frame = encode(&ServerFrame::Presence {
+                    room: &room.name,
+                    user: identity.view(),
+                    event: PresenceEvent::Leave,
+                    previous: None,
+                });
+                fan_out(&state, &frame, None);
+            }
+            state.members.is_empty()
+        };
+        if now_empty {
+            let mut rooms = lock(&self.rooms);
+            let mut state = lock(&room.state);
+            if state.members.is_empty() && !state.removed {
+                state.removed = true;
+                rooms.remove(&room.name);
+            }
+        }
+    }
+
+    /// Handles `message`: gives it the room's next id, keeps it in history,
+    /// and sends the same encoded frame to every member (the sender too),
+    /// then `ack` to the sender if the frame had a `ref`.
+    pub fn post(&self, client: &Arc<Client>, name: &str, content: &str, reference: Option<&Ref>) -> Result<(), RequestError> {
+        let room = client.room(name).ok_or_else(|| not_member(name))?;
+        let identity = client.identity();
+        let mut state = lock(&room.state);
+        let id = state.last_id + 1;
+        let ts = now_ms();
+        let frame = encode(&ServerFrame::Message {
+            room: &room.name,
+            id,
+            from: &identity.nick,
+            user: &identity.user_id,
+            content,
+            ts,
+        });
+        state.last_id = id;
+        state.history.push_back((id, frame.clone()));
+        while state.history.len() > self.config.rooms.history_kept {
+            state.history.pop_front();
+        }
+        fan_out(&state, &frame, None);
+        drop(state);
+        if let Some(reference) = reference {
+            client.outbox.push(encode(&ServerFrame::Ack {
+                reference,
+                id,
+                room: name,
+                ts,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Handles `history`: up to `limit` messages before id `before` (or the
+    /// latest), oldest first.
+    pub fn history(
+        &self,
+        client: &Arc<Client>,
+        name: &str,
+        before: Option<u64>,
+        limit: Option<usize>,
+        reference: Option<&Ref>,
+    ) -> Result<(), RequestError> {
+        let room = client.room(name).ok_or_else(|| not_member(name))?;
+        let max = self.config.rooms.history_page_max;
+        let limit = limit.unwrap_or(max).min(max);
+        let state = lock(&room.state);
+        let end = match before {
+            Some(before) => state.history.partition_point(|(id, _)| *id < before),
+            None => state.history.len(),
+        };
+        let start = end.saturating_sub(limit);
+        let frame = encode_with_list(
+            &ServerFrame::History {
+                room: name,
+                more: start > 0,
+                reference,
+            },
+            "messages",
+            state.history.range(start..end).map(|(_, frame)| payload_of(frame)),
+        );
+        drop(state);
+        client.outbox.push(frame);
+        Ok(())
+    }
+
+    /// Enforces deadlines on every client: the first frame, idleness (with a
+    /// ping first), and the close handshake. Returns how long to wait before
+    /// the next sweep.
+    pub fn sweep(&self) -> Duration {
+        let t = &self.config.timeouts;
+        let now = self.now();
+        let ms = |d: Duration| d.as_millis() as u64;
+        let mut overdue = Vec::new();
+        let clients: Vec<Arc<Client>> = lock(&self.clients).values().cloned().collect();
+        for client in clients {
+            if let Some(since) = client.outbox.closing_since() {
+                if since.elapsed() > t.close {
+                    overdue.push(client);
+                }
+                continue;
+            }
+            match client.last_rx() {
+                None if now.saturating_sub(client.connected_at()) > ms(t.first_frame) => {
+                    client.outbox.close(
+                        crate::ws::CloseCode::POLICY,
+                        &format!("no frame within {:?} of connecting", t.first_frame),
+                        true,
+                    );
+                }
+                Some(last) if now.saturating_sub(last) > ms(t.idle) => {
+                    client.outbox.close(crate::ws::CloseCode::POLICY, "idle timeout", true);
+                }
+                last => {
+                    let quiet_since = last.unwrap_or(client.connected_at()).max(client.last_ping());
+                    if now.saturating_sub(quiet_since) >= ms(t.ping_interval) {
+                        client.set_last_ping(now);
+                        client.outbox.push(ping_frame());
+                    }
+                }
+            }
+        }
+        for client in overdue {
+            client.abort();
+        }
+        let shortest = [t.first_frame, t.ping_interval, t.idle, t.close].into_iter().min().unwrap_or_default();
+        (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
+    }
+
+    /// Starts shutdown: no new client is welcomed, and every client gets what
+    /// is queued for it followed by a Close frame with `code` and `reason`.
+    pub fn close_all(&self, code: u16, reason: &str) {
+        self.closing.store(true, Ordering::Release);
+        let clients: Vec<Arc<Client>> = lock(&self.clients).values().cloned().collect();
+        for client in clients {
+            client.outbox.close(code, reason, false);
+        }
+    }
+
+    /// Ends every remaining client's task at once.
+    pub fn abort_all(&self) {
+        let clients: Vec<Arc<Client>> = lock(&self.clients).values().cloned().collect();
+        for client in clients {
+            client.abort();
+        }
+    }
+
+    /// Waits until no client is registered.
+    pub async fn wait_empty(&self) {
+        let mut live = self.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+
+    /// Number of registered clients.
+    pub fn client_count(&self) -> usize {
+        *self.live.borrow()
+    }
+}
+
+/// Pushes `frame` to every member except `skip`.
+fn fan_out(state: &RoomState, frame: &Bytes, skip: Option<ConnId>) {
+    for (id, member) in &state.members {
+        if Some(*id) != skip && member.outbox.push(frame.clone()) == Pushed::Overflow {
+            tracing::info!(conn = member.id, "closing slow consumer");
+        }
+    }
+}
+
+fn not_member(room: &str) -> RequestError {
+    RequestError::new(ErrorCode::NotMember, format!("you are not in room {room:?}; join it first"))
+}
+
+/// A random number from the operating system.
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // The OS random source failing is not recoverable in any useful way; fall
+    // back to the clock so ids stay unique within the process.
+    if getrandom::fill(&mut bytes).is_err() {
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    }
+    u64::from_ne_bytes(bytes)
+}

@@ -1,0 +1,50 @@
+//! Wardroom: a WebSocket chat server for moderated communities.
+//!
+//! Start a server from an already-bound listener and a shutdown future, so
+//! that tests can bind port 0:
+//!
+//! ```no_run
+//! # async fn example() -> std::io::Result<()> {
+//! let config = wardroom::config::load_file("config.toml".as_ref()).map_err(std::io::Error::other)?;
+//! let listener = tokio::net::TcpListener::bind(config.server.bind).await?;
+//! wardroom::Server::new(config)
+//!     .run(listener, async { let _ = tokio::signal::ctrl_c().await; })
+//!     .await
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML schema, and loading it with every problem reported
+//!   at its line and column.
+//! - [`server`]: the accept loop (hyper HTTP/1 with a header-read timeout),
+//!   the deadline sweeper, and shutdown.
+//! - [`transport`]: the warp routes (`/ws`, `/healthz`, `/readyz`) and the
+//!   WebSocket upgrade.
+//! - [`connection`]: one upgraded connection: reader and writer over the raw socket.
+//! - [`ws`]: the WebSocket protocol: handshake, frame encoding and parsing.
+//! - [`protocol`]: the JSON frames of protocol v1 and the error codes.
+//! - [`hub`]: rooms, nicknames, presence, message ids and fan-out.
+//! - [`outbox`]: one client's bounded queue of outgoing frames.
+//! - [`client`]: one connected client as the hub sees it.
+//! - [`names`]: nickname and room-name rules.
+
+pub mod client;
+pub mod config;
+pub mod connection;
+pub mod hub;
+pub mod names;
+pub mod outbox;
+pub mod protocol;
+pub mod server;
+pub mod transport;
+pub mod ws;
+
+pub use server::Server;
+
+/// Locks a mutex, ignoring poisoning: every critical section in this crate
+/// leaves its data consistent at each step, so a panic elsewhere does not
+/// make the data unusable.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

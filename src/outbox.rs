@@ -1,0 +1,200 @@
+//! The bounded queue of encoded frames waiting to be written to one client.
+//!
+//! The hub pushes shared frames ([`Bytes`] clones: a reference count, no copy)
+//! from any task; the client's connection task takes everything queued at once
+//! and writes it with one `writev`. A client whose queue is full when a frame
+//! arrives is a slow consumer: its queue is dropped and it is closed with 1008,
+//! so that nobody else waits for it.
+//!
+//! A `std::sync::Mutex` (not a tokio one) guards the queue: it is held only for
+//! a push or a swap, never across an `.await`.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::lock;
+use crate::ws::{CloseCode, close_frame};
+
+/// The result of [`Outbox::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// The frame will be written.
+    Queued,
+    /// The queue was full: the client is now being closed as a slow consumer.
+    Overflow,
+    /// The client is closing; the frame was dropped.
+    Closed,
+}
+
+/// What [`Outbox::poll_next`] put in the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Frames to write; ask again afterwards.
+    Frames,
+    /// The last frames, ending with a Close frame: write them and stop writing.
+    Closing,
+}
+
+/// One client's outbound queue.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Frames not yet handed to the writer.
+    queue: VecDeque<Bytes>,
+    /// Most frames `queue` may hold.
+    capacity: usize,
+    /// The writer's waker while it waits for frames.
+    waker: Option<Waker>,
+    /// The Close frame to send, until the writer takes it.
+    close_frame: Option<Bytes>,
+    /// When the close started (deadline for the close handshake).
+    closing_since: Option<Instant>,
+}
+
+impl Outbox {
+    /// An empty outbox holding at most `capacity` frames.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                capacity,
+                waker: None,
+                close_frame: None,
+                closing_since: None,
+            }),
+        }
+    }
+
+    /// Queues a frame for this client.
+    pub fn push(&self, frame: Bytes) -> Pushed {
+        let (pushed, waker) = {
+            let mut state = lock(&self.state);
+            if state.closing_since.is_some() {
+                return Pushed::Closed;
+            }
+            if state.queue.len() >= state.capacity {
+                state.queue = VecDeque::new();
+                state.start_close(CloseCode::POLICY, "slow consumer");
+                (Pushed::Overflow, state.waker.take())
+            } else {
+                state.queue.push_back(frame);
+                (Pushed::Queued, state.waker.take())
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        pushed
+    }
+
+    /// Starts closing the client: what is queued is written first (or dropped
+    /// when `discard` is set), then a Close frame with `code` and `reason`.
+    /// Returns false if a close had already started.
+    pub fn close(&self, code: u16, reason: &str, discard: bool) -> bool {
+        let waker = {
+            let mut state = lock(&self.state);
+            if state.closing_since.is_some() {
+                return false;
+            }
+            if discard {
+                state.queue = VecDeque::new();
+            }
+            state.start_close(code, reason);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        true
+    }
+
+    /// When the close started, if it has.
+    pub fn closing_since(&self) -> Option<Instant> {
+        lock(&self.state).closing_since
+    }
+
+    /// Frames waiting (not yet taken by the writer).
+    pub fn len(&self) -> usize {
+        lock(&self.state).queue.len()
+    }
+
+    /// Whether no frame is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Moves everything queued into the writer's empty `batch`, or registers
+    /// the writer's waker if there is nothing to take.
+    pub fn poll_next(&self, cx: &mut Context<'_>, batch: &mut VecDeque<Bytes>) -> Poll<Next> {
+        debug_assert!(batch.is_empty());
+        let mut state = lock(&self.state);
+        std::mem::swap(&mut state.queue, batch);
+        if let Some(frame) = state.close_frame.take() {
+            batch.push_back(frame);
+            return Poll::Ready(Next::Closing);
+        }
+        if !batch.is_empty() {
+            return Poll::Ready(Next::Frames);
+        }
+        match &state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => state.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl State {
+    fn start_close(&mut self, code: u16, reason: &str) {
+        self.close_frame = Some(close_frame(code, reason));
+        self.closing_since = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    fn next(outbox: &Outbox) -> (Poll<Next>, Vec<Bytes>) {
+        let mut batch = VecDeque::new();
+        let poll = outbox.poll_next(&mut Context::from_waker(Waker::noop()), &mut batch);
+        (poll, batch.into_iter().collect())
+    }
+
+    #[test]
+    fn overflow_drops_the_queue_and_closes_with_1008() {
+        let outbox = Outbox::new(2);
+        assert_eq!(outbox.push(Bytes::from_static(b"a")), Pushed::Queued);
+        assert_eq!(outbox.push(Bytes::from_static(b"b")), Pushed::Queued);
+        assert_eq!(outbox.push(Bytes::from_static(b"c")), Pushed::Overflow);
+        assert_eq!(outbox.push(Bytes::from_static(b"d")), Pushed::Closed);
+        let (poll, batch) = next(&outbox);
+        assert_eq!(poll, Poll::Ready(Next::Closing));
+        assert_eq!(batch, vec![close_frame(1008, "slow consumer")]);
+    }
+
+    #[test]
+    fn close_without_discard_flushes_queued_frames_first() {
+        let outbox = Outbox::new(8);
+        outbox.push(Bytes::from_static(b"a"));
+        assert!(outbox.close(1001, "bye", false));
+        assert!(!outbox.close(1000, "again", false));
+        let (poll, batch) = next(&outbox);
+        assert_eq!(poll, Poll::Ready(Next::Closing));
+        assert_eq!(batch, vec![Bytes::from_static(b"a"), close_frame(1001, "bye")]);
+    }
+
+    #[test]
+    fn empty_outbox_is_pending() {
+        assert_eq!(next(&Outbox::new(1)).0, Poll::Pending);
+    }
+}

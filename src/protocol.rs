@@ -1,0 +1,443 @@
+//! Protocol v1: the JSON frames exchanged over the WebSocket.
+//!
+//! `docs/protocol.md` mirrors this module: every frame and every error code
+//! here has an example there. Client frames are parsed into [`ClientFrame`];
+//! server frames are serialized once into a WebSocket frame ([`Bytes`]) that
+//! is shared by every recipient.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ws::{FrameBuf, OpCode};
+
+/// The protocol version announced in `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest `ref` a client may attach to a frame, in bytes.
+pub const MAX_REF_BYTES: usize = 64;
+
+/// A client's correlation token (`ref`): a short string or an integer, echoed
+/// back in the `ack` or `error` that answers the frame.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Ref(Value);
+
+/// A parsed client frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientFrame {
+    /// The frame's `ref`, if it had one.
+    pub reference: Option<Ref>,
+    /// What the client asks for.
+    pub request: Request,
+}
+
+/// Client → server requests, by their `type`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Enter a room, creating it if needed.
+    Join {
+        /// Room name.
+        room: String,
+    },
+    /// Leave a room.
+    Leave {
+        /// Room name.
+        room: String,
+    },
+    /// Send a message to a room the client is in.
+    Message {
+        /// Room name.
+        room: String,
+        /// The text of the message.
+        content: String,
+    },
+    /// Change nickname.
+    Nick {
+        /// The new nickname.
+        nick: String,
+    },
+    /// Page backwards through a room's history.
+    History {
+        /// Room name.
+        room: String,
+        /// Only messages with an id below this one.
+        #[serde(default)]
+        before: Option<u64>,
+        /// At most this many messages (capped by the server).
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+}
+
+/// Frame types a client may send, for error messages.
+const CLIENT_TYPES: &str = "`join`, `leave`, `message`, `nick`, `history`";
+
+/// Stable, machine-readable error codes. `docs/protocol.md` lists each one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON, misses a field, or has a field of the wrong type.
+    BadRequest,
+    /// The frame is valid but not something the server does (binary frames, unknown `type`).
+    Unsupported,
+    /// The message is larger than a limit.
+    TooLarge,
+    /// The request names a room the client has not joined.
+    NotMember,
+    /// The room holds as many members as it may.
+    RoomFull,
+    /// The client is in as many rooms as one connection may be.
+    TooManyRooms,
+    /// The server holds as many rooms as it may; no new room can be created.
+    RoomLimit,
+    /// The room name is empty, too long, or has characters that are not allowed.
+    InvalidRoom,
+    /// Another user has this nickname (compared case-insensitively).
+    NickTaken,
+    /// The nickname is too short, too long, or has characters that are not allowed.
+    InvalidNick,
+}
+
+/// A request that could not be carried out, answered with an `error` frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestError {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// A sentence for the person behind the client.
+    pub message: String,
+    /// The `ref` of the frame that failed, if it was readable.
+    pub reference: Option<Ref>,
+}
+
+impl RequestError {
+    /// An error with no `ref` attached yet.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            reference: None,
+        }
+    }
+
+    /// Encodes this error as an `error` frame.
+    pub fn to_frame(&self) -> Bytes {
+        encode(&ServerFrame::Error {
+            code: self.code,
+            message: &self.message,
+            reference: self.reference.as_ref(),
+            retry_after_ms: None,
+        })
+    }
+}
+
+/// Parses one text frame from a client.
+///
+/// Every failure names what is wrong; the `ref` is kept whenever the frame is
+/// a JSON object with a valid `ref`, so the client can match the error.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, RequestError> {
+    let bad = |message: String| RequestError::new(ErrorCode::BadRequest, message);
+    let mut value: Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let Some(object) = value.as_object_mut() else {
+        return Err(bad("a frame must be a JSON object with a `type` field".to_owned()));
+    };
+    let reference = match object.remove("ref") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= MAX_REF_BYTES => Some(Ref(Value::String(s))),
+        Some(n @ Value::Number(_)) => Some(Ref(n)),
+        Some(_) => {
+            return Err(bad(format!(
+                "`ref` must be an integer or a string of at most {MAX_REF_BYTES} bytes"
+            )));
+        }
+    };
+    let with_ref = |mut e: RequestError| {
+        e.reference = reference.clone();
+        e
+    };
+    let kind = match object.get("type") {
+        Some(Value::String(kind)) => kind.clone(),
+        Some(_) => return Err(with_ref(bad("`type` must be a string".to_owned()))),
+        None => return Err(with_ref(bad(format!("missing field `type` (one of {CLIENT_TYPES})")))),
+    };
+    let request = Request::deserialize(value).map_err(|e| {
+        let message = e.to_string();
+        if message.starts_with("unknown variant") {
+            with_ref(RequestError::new(
+                ErrorCode::Unsupported,
+                format!("unknown frame type {kind:?}; expected one of {CLIENT_TYPES}"),
+            ))
+        } else {
+            with_ref(bad(format!("invalid `{kind}` frame: {message}")))
+        }
+    })?;
+    Ok(ClientFrame { reference, request })
+}
+
+/// A user as other clients see them.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserView<'a> {
+    /// Stable user id (`guest:<session>` for guests).
+    pub id: &'a str,
+    /// Current nickname.
+    pub nick: &'a str,
+    /// Roles, e.g. `["member"]`.
+    pub roles: crate::client::Roles,
+}
+
+/// Limits announced in `welcome`, so clients can check before sending.
+#[derive(Debug, Clone, Serialize)]
+pub struct Limits {
+    /// Largest WebSocket message the server accepts, in bytes.
+    pub max_message_bytes: usize,
+    /// Largest WebSocket frame the server accepts, in bytes.
+    pub max_frame_bytes: usize,
+    /// Rooms one connection may be in.
+    pub max_rooms_per_connection: usize,
+    /// Largest `history` page.
+    pub history_page_max: usize,
+}
+
+/// What happened in a `presence` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceEvent {
+    /// The user entered the room.
+    Join,
+    /// The user left the room or disconnected.
+    Leave,
+    /// The user changed nickname (`previous` holds the old one).
+    Nick,
+}
+
+/// Server → client frames, by their `type`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// First frame of every connection.
+    Welcome {
+        /// Always [`PROTOCOL_VERSION`].
+        protocol: u32,
+        /// This connection's session id.
+        session: &'a str,
+        /// Who the server thinks the client is.
+        user: UserView<'a>,
+        /// Limits the client should respect.
+        limits: &'a Limits,
+    },
+    /// Answer to `join` (history follows, see [`encode_with_list`]).
+    Joined {
+        /// Room name.
+        room: &'a str,
+        /// Members in the room, including the joiner.
+        member_count: usize,
+        /// Up to `rooms.presence_max_members` of them.
+        members: &'a [UserView<'a>],
+        /// Echo of the request's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Ref>,
+    },
+    /// Answer to `leave`.
+    Left {
+        /// Room name.
+        room: &'a str,
+        /// Echo of the request's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Ref>,
+    },
+    /// A chat message in a room.
+    Message {
+        /// Room name.
+        room: &'a str,
+        /// Per-room id, increasing.
+        id: u64,
+        /// Sender's nickname at the time of sending.
+        from: &'a str,
+        /// Sender's user id.
+        user: &'a str,
+        /// The text.
+        content: &'a str,
+        /// Server time of acceptance, milliseconds since the Unix epoch.
+        ts: u64,
+    },
+    /// Someone joined, left, or changed nickname.
+    Presence {
+        /// Room name.
+        room: &'a str,
+        /// The user concerned.
+        user: UserView<'a>,
+        /// What happened.
+        event: PresenceEvent,
+        /// The old nickname, for `nick` events.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        previous: Option<&'a str>,
+    },
+    /// Answer to `nick`: the client's identity after the change.
+    Renamed {
+        /// The user, with the new nickname.
+        user: UserView<'a>,
+        /// The old nickname.
+        previous: &'a str,
+        /// Echo of the request's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Ref>,
+    },
+    /// The server accepted a message that carried a `ref`.
+    Ack {
+        /// Echo of the message's `ref`.
+        #[serde(rename = "ref")]
+        reference: &'a Ref,
+        /// The id the message got.
+        id: u64,
+        /// Room name.
+        room: &'a str,
+        /// Server time of acceptance.
+        ts: u64,
+    },
+    /// Answer to `history` (messages follow, see [`encode_with_list`]).
+    History {
+        /// Room name.
+        room: &'a str,
+        /// Whether older messages exist.
+        more: bool,
+        /// Echo of the request's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Ref>,
+    },
+    /// A request failed.
+    Error {
+        /// Stable code.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        message: &'a str,
+        /// Echo of the failed frame's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Ref>,
+        /// When to try again, for rate limits.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+}
+
+/// Serializes a server frame into a complete WebSocket text frame.
+pub fn encode(frame: &ServerFrame<'_>) -> Bytes {
+    let mut buf = FrameBuf::new();
+    write_json(&mut buf, frame);
+    buf.finish(OpCode::Text)
+}
+
+/// Serializes a server frame with one more field, `field`, holding a JSON
+/// array of already-encoded objects (stored messages), copied verbatim.
+pub fn encode_with_list<'i>(frame: &ServerFrame<'_>, field: &str, items: impl IntoIterator<Item = &'i [u8]>) -> Bytes {
+    let mut buf = FrameBuf::new();
+    write_json(&mut buf, frame);
+    let mut payload = buf.payload_mut();
+    // A serialized struct always ends with its closing brace: reopen it.
+    debug_assert_eq!(payload.last(), Some(&b'}'));
+    payload.pop();
+    payload.extend_from_slice(b",\"");
+    payload.extend_from_slice(field.as_bytes());
+    payload.extend_from_slice(b"\":[");
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            payload.push(b',');
+        }
+        payload.extend_from_slice(item);
+    }
+    payload.extend_from_slice(b"]}");
+    buf.finish(OpCode::Text)
+}
+
+fn write_json(buf: &mut FrameBuf, frame: &ServerFrame<'_>) {
+    // Serializing these types into memory cannot fail: every map key is a
+    // string and no Serialize impl here returns an error.
+    if let Err(e) = serde_json::to_writer(buf.payload_mut(), frame) {
+        unreachable!("serializing a server frame failed: {e}");
+    }
+}
+
+/// Milliseconds since the Unix epoch, for `ts` fields.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(text: &str) -> RequestError {
+        parse_client_frame(text).expect_err("frame should be refused")
+    }
+
+    #[test]
+    fn parses_each_request_with_its_ref() {
+        let frame = parse_client_frame(r#"{"type":"message","room":"lobby","content":"hi","ref":7}"#).unwrap();
+        assert_eq!(frame.reference, Some(Ref(Value::from(7))));
+        assert_eq!(
+            frame.request,
+            Request::Message {
+                room: "lobby".into(),
+                content: "hi".into()
+            }
+        );
+        let frame = parse_client_frame(r#"{"type":"history","room":"a","before":10}"#).unwrap();
+        assert_eq!(
+            frame.request,
+            Request::History {
+                room: "a".into(),
+                before: Some(10),
+                limit: None
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_the_problem_and_keep_the_ref() {
+        let e = parse_err("not json");
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.starts_with("invalid JSON"), "{}", e.message);
+
+        let e = parse_err(r#"{"type":"join","ref":"r1"}"#);
+        assert_eq!((e.code, e.reference.clone()), (ErrorCode::BadRequest, Some(Ref(Value::from("r1")))));
+        assert!(e.message.contains("missing field `room`"), "{}", e.message);
+
+        let e = parse_err(r#"{"type":"dance","ref":"r2"}"#);
+        assert_eq!(e.code, ErrorCode::Unsupported);
+        assert!(e.message.contains("\"dance\""), "{}", e.message);
+
+        let e = parse_err(r#"{"type":"join","room":5}"#);
+        assert!(e.message.contains("invalid type: integer `5`"), "{}", e.message);
+
+        let e = parse_err(r#"{"type":"join","room":"a","colour":"red"}"#);
+        assert!(e.message.contains("unknown field `colour`"), "{}", e.message);
+
+        let e = parse_err("[1,2]");
+        assert!(e.message.contains("JSON object"), "{}", e.message);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        let deep = "[".repeat(100_000);
+        assert_eq!(parse_err(&deep).code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn list_frames_embed_stored_objects_verbatim() {
+        let frame = encode_with_list(
+            &ServerFrame::History {
+                room: "a",
+                more: false,
+                reference: None,
+            },
+            "messages",
+            [&b"{\"id\":1}"[..], &b"{\"id\":2}"[..]],
+        );
+        let payload = crate::ws::payload_of(&frame);
+        let value: Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(value["messages"][1]["id"], 2);
+        assert_eq!(value["type"], "history");
+    }
+}

@@ -1,0 +1,139 @@
+//! Running the server: the accept loop, the sweeper, and shutdown.
+//!
+//! warp's own `serve()` sets no header-read timeout, so connections are
+//! accepted here and each is served by hyper's HTTP/1 connection with the
+//! warp routes as its service.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::transport::{self, PeerAddr, UpgradeSlot};
+use crate::ws::CloseCode;
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A configured Wardroom server, ready to run on a listener.
+///
+/// ```no_run
+/// # async fn example() -> std::io::Result<()> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let server = wardroom::Server::new(wardroom::config::Config::default());
+/// server.run(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Server {
+    /// The configuration to run with.
+    config: Arc<Config>,
+}
+
+impl Server {
+    /// A server with this configuration.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then closes every
+    /// client with 1001 (after what is queued for it), waits up to the
+    /// shutdown grace period, and returns.
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let addr = listener.local_addr()?;
+        let hub = Arc::new(Hub::new(self.config.clone()));
+        let sweeper = tokio::spawn(sweep(hub.clone()));
+        let accept = tokio::spawn(accept_loop(listener, hub.clone()));
+        tracing::info!(%addr, "listening");
+
+        shutdown.await;
+        let grace = self.config.timeouts.shutdown_grace;
+        tracing::info!(clients = hub.client_count(), ?grace, "shutting down");
+        hub.close_all(CloseCode::GOING_AWAY, "server shutting down");
+        if tokio::time::timeout(grace, hub.wait_empty()).await.is_err() {
+            tracing::warn!(clients = hub.client_count(), "grace period over; dropping remaining clients");
+            hub.abort_all();
+            hub.wait_empty().await;
+        }
+        accept.abort();
+        sweeper.abort();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Runs the hub's deadline sweeps for as long as the server runs.
+async fn sweep(hub: Arc<Hub>) {
+    loop {
+        let pause = hub.sweep();
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Accepts connections and serves HTTP on each. Dropping this future (on
+/// shutdown) drops every connection still speaking HTTP; upgraded
+/// connections live in their own tasks, owned by the hub.
+async fn accept_loop(listener: TcpListener, hub: Arc<Hub>) {
+    let routes = warp::service(transport::routes(hub));
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(serve_http(stream, peer, routes.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Serves HTTP/1 on one connection, with upgrades.
+async fn serve_http<S>(stream: TcpStream, peer: SocketAddr, routes: S)
+where
+    S: tower_service::Service<
+            http::Request<Incoming>,
+            Response = warp::reply::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "set_nodelay failed");
+    }
+    let service = service_fn(move |mut request: http::Request<Incoming>| {
+        if request.headers().contains_key(http::header::UPGRADE) {
+            let on_upgrade = hyper::upgrade::on(&mut request);
+            request.extensions_mut().insert(UpgradeSlot::new(on_upgrade));
+        }
+        request.extensions_mut().insert(PeerAddr(peer));
+        routes.clone().call(request)
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    if let Err(e) = connection.await {
+        tracing::debug!(%peer, error = %e, "http connection ended with an error");
+    }
+}

@@ -1,0 +1,128 @@
+//! HTTP routes, served by warp: `/ws` (the WebSocket upgrade), `/healthz`
+//! and `/readyz`.
+//!
+//! warp does the routing; the upgrade itself is finished here (see
+//! `docs/design.md`): the handshake is answered with `101`, and once hyper
+//! hands the socket back, the raw `TcpStream` goes to [`crate::connection`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http::header::{CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_VERSION, UPGRADE};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use hyper::upgrade::OnUpgrade;
+use serde::Deserialize;
+use warp::Filter;
+use warp::reply::Response;
+
+use crate::hub::Hub;
+use crate::lock;
+use crate::ws::handshake::{self, HandshakeError};
+
+/// The pending upgrade of a request, put in its extensions by the accept
+/// loop (warp's own filters take only `Clone` extensions).
+#[derive(Clone, Default)]
+pub struct UpgradeSlot(Arc<Mutex<Option<OnUpgrade>>>);
+
+impl UpgradeSlot {
+    /// Wraps a request's pending upgrade.
+    pub fn new(on_upgrade: OnUpgrade) -> Self {
+        Self(Arc::new(Mutex::new(Some(on_upgrade))))
+    }
+
+    fn take(&self) -> Option<OnUpgrade> {
+        lock(&self.0).take()
+    }
+}
+
+/// The client's address, put in request extensions by the accept loop.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Query parameters of `/ws`.
+#[derive(Debug, Default, Deserialize)]
+struct WsQuery {
+    /// Requested nickname.
+    nick: Option<String>,
+}
+
+/// Every route of the server.
+pub fn routes(hub: Arc<Hub>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let healthz = warp::path("healthz").and(warp::path::end()).map(|| plain(StatusCode::OK, "ok"));
+
+    let ready_hub = hub.clone();
+    let readyz = warp::path("readyz").and(warp::path::end()).map(move || {
+        if ready_hub.is_closing() {
+            plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+        } else {
+            plain(StatusCode::OK, "ready")
+        }
+    });
+
+    let ws = warp::path("ws")
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(warp::header::headers_cloned())
+        .and(warp::query::<WsQuery>().or(warp::any().map(WsQuery::default)).unify())
+        .and(warp::ext::optional::<UpgradeSlot>())
+        .and(warp::ext::get::<PeerAddr>())
+        .map(move |headers: HeaderMap, query: WsQuery, slot: Option<UpgradeSlot>, peer: PeerAddr| {
+            upgrade(&hub, &headers, query, slot, peer)
+        });
+
+    warp::get()
+        .and(healthz.or(readyz).unify().or(ws).unify())
+        .recover(|rejection: warp::Rejection| async move {
+            let status = if rejection.is_not_found() {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            Ok::<_, Infallible>(plain(status, status.canonical_reason().unwrap_or("error")))
+        })
+        .unify()
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response {
+    let mut response = Response::new(body.into());
+    *response.status_mut() = status;
+    response
+}
+
+/// Answers an upgrade request and, once hyper hands the socket back, serves
+/// the connection.
+fn upgrade(hub: &Arc<Hub>, headers: &HeaderMap, query: WsQuery, slot: Option<UpgradeSlot>, peer: PeerAddr) -> Response {
+    if hub.is_closing() {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
+    }
+    let accept = match handshake::accept(headers) {
+        Ok(accept) => accept,
+        Err(HandshakeError::Version) => {
+            let mut response = plain(StatusCode::UPGRADE_REQUIRED, "only WebSocket version 13 is supported");
+            response.headers_mut().insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            return response;
+        }
+        Err(_) => return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request"),
+    };
+    let Some(on_upgrade) = slot.and_then(|slot| slot.take()) else {
+        return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request");
+    };
+    let Ok(accept) = HeaderValue::from_str(&accept) else {
+        return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request");
+    };
+
+    let client = hub.new_client(peer.0.ip());
+    let task_client = client.clone();
+    let hub = hub.clone();
+    let task = tokio::spawn(crate::connection::serve(hub, task_client, on_upgrade, query.nick));
+    client.set_task(task.abort_handle());
+
+    let mut response = Response::default();
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let response_headers = response.headers_mut();
+    response_headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    response_headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    response_headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    response
+}
