@@ -31,11 +31,8 @@ impl Roles {
     /// May do everything, including configuration.
     pub const ADMIN: Roles = Roles(4);
 
-    const NAMES: [(Roles, &'static str); 3] = [
-        (Self::MEMBER, "member"),
-        (Self::MODERATOR, "moderator"),
-        (Self::ADMIN, "admin"),
-    ];
+    const NAMES: [(Roles, &'static str); 3] =
+        [(Self::MEMBER, "member"), (Self::MODERATOR, "moderator"), (Self::ADMIN, "admin")];
 
     /// Whether every role in `other` is in `self`.
     pub fn contains(self, other: Roles) -> bool {
@@ -80,11 +77,7 @@ pub struct Identity {
 impl Identity {
     /// The identity as other clients see it.
     pub fn view(&self) -> UserView<'_> {
-        UserView {
-            id: &self.user_id,
-            nick: &self.nick,
-            roles: self.roles,
-        }
+        UserView { id: &self.user_id, nick: &self.nick, roles: self.roles }
     }
 }
 

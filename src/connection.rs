@@ -1,32 +1,37 @@
-//! One client connection after the upgrade: a reader and a writer, run
-//! concurrently in one task, on a raw `TcpStream`.
+//! One client connection after the upgrade, served by one task on the raw
+//! `TcpStream`. The task drives two independent halves:
 //!
-//! - The reader waits for readability, reads into a per-thread scratch buffer
+//! - the writer takes everything queued in the client's outbox at once and
+//!   writes it with one vectored write (each message stays its own frame);
+//! - the reader waits for readability, reads into a per-thread scratch buffer
 //!   (an idle connection owns no read buffer), parses frames and acts on them.
-//!   It never waits on anything but the socket: replies go to the outbox.
-//! - The writer takes everything queued in the outbox at once and writes it
-//!   with one vectored write (each message stays its own frame).
-//! - Deadlines (first frame, idle, close handshake) are enforced by the hub's
-//!   sweeper, so a connection carries no timer of its own.
+//!   It never waits for the writer, except by design: while the client's own
+//!   outbox is at least half full, the reader pauses, so a client that sends
+//!   faster than it reads is slowed by TCP instead of buffered without bound.
+//!
+//! One task instead of a reader task and a writer task saves a task and a
+//! shared socket per connection (`docs/design.md`). Deadlines (first frame,
+//! idle, close handshake) are enforced by the hub's sweeper, so a connection
+//! carries no timer either.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
-use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
-use tokio::io::AsyncWriteExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::client::Client;
 use crate::hub::Hub;
 use crate::outbox::Next;
 use crate::protocol::{ClientFrame, ErrorCode, Request, RequestError, parse_client_frame};
-use crate::ws::{CloseCode, Event, Flow, MessageReader, OpCode, encode_control};
+use crate::ws::{CloseCode, Event, Flow, MessageReader, OpCode, Violation, encode_control};
 
 /// Size of the per-thread read buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -38,18 +43,6 @@ thread_local! {
     /// Every connection on a thread reads into this buffer in turn; it is
     /// borrowed only for the synchronous processing of one read.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
-}
-
-/// How the reader stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReadEnd {
-    /// The peer closed the TCP connection or it failed.
-    Gone,
-    /// The peer sent a Close frame; ours (the echo, or the one we sent
-    /// first) is in the outbox.
-    ClientClosed,
-    /// The peer broke the protocol; a Close frame with the reason is queued.
-    Failed,
 }
 
 /// Serves one connection from the `101` answer until it closes. The client
@@ -70,52 +63,203 @@ pub async fn serve(hub: Arc<Hub>, client: Arc<Client>, on_upgrade: OnUpgrade, re
     };
     hub.register(&client, requested_nick.as_deref());
     tracing::debug!(conn = client.id, addr = %client.addr, "connected");
-    run(&hub, &client, parts.io.into_inner(), parts.read_buf).await;
+
+    let limits = &hub.config().limits;
+    let mut conn = Connection {
+        session: Session { hub: &hub, client: &client },
+        stream: parts.io.into_inner(),
+        reader: MessageReader::new(limits.max_frame_bytes, limits.max_message_bytes),
+        batch: VecDeque::new(),
+        read_end: None,
+        paused: false,
+        close_taken: false,
+        close_written: false,
+        pause_at: (limits.outbound_queue / 2).max(1),
+    };
+    if !parts.read_buf.is_empty() {
+        // Bytes the client sent right behind its upgrade request.
+        conn.session.client.touch(hub.now());
+        let mut early = parts.read_buf.to_vec();
+        conn.feed(&mut early);
+    }
+    let end = poll_fn(|cx| conn.poll(cx)).await;
+    if end == ReadEnd::Failed {
+        // After failing the connection, close our side and drain what the
+        // client still sends, so it reads our Close frame instead of a reset.
+        let _ = conn.stream.shutdown().await;
+        drain(&conn.stream).await;
+    }
 }
 
-/// Runs the reader and the writer until the connection closes.
-async fn run(hub: &Hub, client: &Arc<Client>, mut stream: TcpStream, early: Bytes) {
-    let limits = &hub.config().limits;
-    let mut reader = MessageReader::new(limits.max_frame_bytes, limits.max_message_bytes);
-    let mut linger = false;
-    {
-        let session = Session { hub, client };
-        let mut early = early.to_vec();
-        let read = pin!(async {
-            if !early.is_empty() {
-                session.client.touch(session.hub.now());
-                if let Some(end) = session.feed(&mut reader, &mut early) {
-                    return end;
-                }
+/// How the reading side ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadEnd {
+    /// The peer closed the TCP connection, or the socket failed.
+    Gone,
+    /// The peer sent a Close frame.
+    ClientClosed,
+    /// The peer broke the protocol; a Close frame with the reason is queued.
+    Failed,
+}
+
+/// The state of one connection's task.
+struct Connection<'a> {
+    /// What the reader needs to act on events.
+    session: Session<'a>,
+    /// The socket.
+    stream: TcpStream,
+    /// Frame parsing state.
+    reader: MessageReader,
+    /// Frames taken from the outbox and not yet fully written.
+    batch: VecDeque<Bytes>,
+    /// Set once reading is over.
+    read_end: Option<ReadEnd>,
+    /// The reader paused (outbox backlog) with input left to handle.
+    paused: bool,
+    /// The Close frame is in `batch`: nothing more will be taken.
+    close_taken: bool,
+    /// The Close frame has been written.
+    close_written: bool,
+    /// Outbox length at which the reader pauses.
+    pause_at: usize,
+}
+
+impl Connection<'_> {
+    /// Drives both halves; ready when the connection is over.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ReadEnd> {
+        loop {
+            if let Err(e) = ready!(self.poll_write(cx)) {
+                tracing::debug!(conn = self.session.client.id, error = %e, "write failed");
+                return Poll::Ready(ReadEnd::Gone);
             }
-            read_loop(&stream, &mut reader, &session).await
-        });
-        let write = pin!(write_loop(&stream, client));
-        let (mut read, mut write) = (read, write);
-        tokio::select! {
-            end = &mut read => match end {
-                ReadEnd::Gone => {}
-                ReadEnd::ClientClosed => {
-                    let _ = write.await;
+            match (self.read_end, self.close_written) {
+                (Some(ReadEnd::Gone), _) => return Poll::Ready(ReadEnd::Gone),
+                (Some(end), true) => return Poll::Ready(end),
+                // Reading is over; the Close frame is still being written.
+                (Some(_), false) => return Poll::Pending,
+                (None, _) => {}
+            }
+            let below_backlog = self.session.client.outbox.len() < self.pause_at;
+            if self.paused {
+                if !below_backlog {
+                    // The writer is blocked on the socket; it will wake us.
+                    return Poll::Pending;
                 }
-                ReadEnd::Failed => {
-                    linger = write.await.is_ok();
-                }
-            },
-            written = &mut write => {
-                if written.is_ok() {
-                    // Our Close frame is out: wait for the client's (the
-                    // sweeper ends this wait at the close deadline).
-                    let _ = read.await;
-                }
+                self.paused = false;
+                let (session, pause_at) = (&self.session, self.pause_at);
+                let result = self.reader.resume(|event| session.on_event(event, pause_at));
+                self.after_feed(result);
+                continue;
+            }
+            if !ready!(self.poll_read(cx)) {
+                return Poll::Pending;
             }
         }
     }
-    if linger {
-        // After failing the connection, close our side and drain what the
-        // client still sends, so it reads our Close frame instead of a reset.
-        let _ = stream.shutdown().await;
-        drain(&stream).await;
+
+    /// Writes the batch, refilling it from the outbox, until both are empty
+    /// (ready) or the socket is full (pending).
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            while !self.batch.is_empty() {
+                ready!(self.stream.poll_write_ready(cx))?;
+                match write_batch(&self.stream, &self.batch) {
+                    Ok(written) => advance(&mut self.batch, written),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            if self.close_taken {
+                self.close_written = true;
+                return Poll::Ready(Ok(()));
+            }
+            match self.session.client.outbox.poll_next(cx, &mut self.batch) {
+                Poll::Ready(Next::Frames) => {}
+                Poll::Ready(Next::Closing) => self.close_taken = true,
+                Poll::Pending => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    /// Reads once and handles what arrived. Ready(true) when something was
+    /// read (call again), Ready(false) when the socket has nothing for now.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if let Err(e) = ready!(self.stream.poll_read_ready(cx)) {
+            tracing::debug!(conn = self.session.client.id, error = %e, "read failed");
+            self.read_end = Some(ReadEnd::Gone);
+            return Poll::Ready(true);
+        }
+        let outcome = SCRATCH.with_borrow_mut(|buf| match self.stream.try_read(buf) {
+            Ok(0) => Err(ReadEnd::Gone),
+            Ok(n) => {
+                self.session.client.touch(self.session.hub.now());
+                self.feed(&mut buf[..n]);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Err(ReadEnd::Gone),
+        });
+        if let Err(end) = outcome {
+            self.read_end = Some(end);
+        }
+        Poll::Ready(true)
+    }
+
+    fn feed(&mut self, data: &mut [u8]) {
+        let pause_at = self.pause_at;
+        let session = &self.session;
+        let result = self.reader.feed(data, |event| session.on_event(event, pause_at));
+        self.after_feed(result);
+    }
+
+    fn after_feed(&mut self, result: Result<Flow, Violation>) {
+        match result {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Pause) => self.paused = true,
+            Ok(Flow::Stop) => self.read_end = Some(ReadEnd::ClientClosed),
+            Err(violation) => {
+                let client = self.session.client;
+                tracing::debug!(conn = client.id, code = violation.code, reason = %violation.reason, "protocol violation");
+                client.outbox.close(violation.code, &violation.reason, false);
+                self.read_end = Some(ReadEnd::Failed);
+            }
+        }
+    }
+}
+
+/// One `writev` of the first frames of `batch`.
+fn write_batch(stream: &TcpStream, batch: &VecDeque<Bytes>) -> io::Result<usize> {
+    let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+    let count = batch.len().min(MAX_IOVECS);
+    for (slice, frame) in slices.iter_mut().zip(batch.iter()) {
+        *slice = IoSlice::new(frame);
+    }
+    stream.try_write_vectored(&slices[..count])
+}
+
+/// Drops `written` bytes from the front of `batch`.
+fn advance(batch: &mut VecDeque<Bytes>, mut written: usize) {
+    while let Some(front) = batch.front_mut() {
+        if written < front.len() {
+            front.advance(written);
+            return;
+        }
+        written -= front.len();
+        batch.pop_front();
+    }
+}
+
+/// Reads and discards until the peer closes its side.
+async fn drain(stream: &TcpStream) {
+    while stream.readable().await.is_ok() {
+        let done = SCRATCH.with_borrow_mut(|buf| match stream.try_read(buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        });
+        if done {
+            return;
+        }
     }
 }
 
@@ -140,20 +284,9 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// Feeds read bytes to the frame reader; `Some` when reading must stop.
-    fn feed(&self, reader: &mut MessageReader, data: &mut [u8]) -> Option<ReadEnd> {
-        match reader.feed(data, |event| self.on_event(event)) {
-            Ok(Flow::Continue) => None,
-            Ok(Flow::Stop) => Some(ReadEnd::ClientClosed),
-            Err(violation) => {
-                tracing::debug!(conn = self.client.id, code = violation.code, reason = %violation.reason, "protocol violation");
-                self.client.outbox.close(violation.code, &violation.reason, false);
-                Some(ReadEnd::Failed)
-            }
-        }
-    }
-
-    fn on_event(&self, event: Event<'_>) -> Flow {
+    /// Acts on one event; pauses reading once the client's outbox holds
+    /// `pause_at` frames.
+    fn on_event(&self, event: Event<'_>, pause_at: usize) -> Flow {
         let closing = self.client.outbox.closing_since().is_some();
         match event {
             Event::Close(code) => {
@@ -175,7 +308,7 @@ impl Session<'_> {
             }
             Event::Text(text) => self.on_text(text),
         }
-        Flow::Continue
+        if self.client.outbox.len() >= pause_at { Flow::Pause } else { Flow::Continue }
     }
 
     fn on_text(&self, text: &str) {
@@ -203,20 +336,6 @@ impl Session<'_> {
     }
 }
 
-/// Reads and discards until the peer closes its side.
-async fn drain(stream: &TcpStream) {
-    while stream.readable().await.is_ok() {
-        let done = SCRATCH.with_borrow_mut(|buf| match stream.try_read(buf) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-        });
-        if done {
-            return;
-        }
-    }
-}
-
 /// At most the first 200 bytes of client text, for logs.
 fn truncate(text: &str) -> &str {
     let mut end = text.len().min(200);
@@ -224,77 +343,6 @@ fn truncate(text: &str) -> &str {
         end -= 1;
     }
     &text[..end]
-}
-
-async fn read_loop(stream: &TcpStream, reader: &mut MessageReader, session: &Session<'_>) -> ReadEnd {
-    loop {
-        if stream.readable().await.is_err() {
-            return ReadEnd::Gone;
-        }
-        let end = SCRATCH.with_borrow_mut(|buf| match stream.try_read(buf) {
-            Ok(0) => Some(ReadEnd::Gone),
-            Ok(n) => {
-                session.client.touch(session.hub.now());
-                session.feed(reader, &mut buf[..n])
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            Err(_) => Some(ReadEnd::Gone),
-        });
-        if let Some(end) = end {
-            return end;
-        }
-    }
-}
-
-/// Writes what the outbox holds until a Close frame has been written.
-async fn write_loop(stream: &TcpStream, client: &Client) -> io::Result<()> {
-    let mut batch = VecDeque::new();
-    loop {
-        let next = poll_fn(|cx| client.outbox.poll_next(cx, &mut batch)).await;
-        write_all(stream, &mut batch).await?;
-        if next == Next::Closing {
-            return Ok(());
-        }
-    }
-}
-
-/// Writes every frame in `batch` with as few `writev` calls as the socket
-/// allows, leaving `batch` empty.
-async fn write_all(stream: &TcpStream, batch: &mut VecDeque<Bytes>) -> io::Result<()> {
-    while !batch.is_empty() {
-        stream.writable().await?;
-        let written = {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let count = batch.len().min(MAX_IOVECS);
-            for (slice, frame) in slices.iter_mut().zip(batch.iter()) {
-                *slice = IoSlice::new(frame);
-            }
-            match stream.try_write_vectored(&slices[..count]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        };
-        advance(batch, written);
-    }
-    Ok(())
-}
-
-/// Drops `written` bytes from the front of `batch`.
-fn advance(batch: &mut VecDeque<Bytes>, mut written: usize) {
-    while written > 0 {
-        let Some(front) = batch.front_mut() else { return };
-        if written >= front.len() {
-            written -= front.len();
-            batch.pop_front();
-        } else {
-            front.advance(written);
-            return;
-        }
-    }
-    while batch.front().is_some_and(Bytes::is_empty) {
-        batch.pop_front();
-    }
 }
 
 #[cfg(test)]

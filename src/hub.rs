@@ -194,10 +194,7 @@ impl Hub {
         let mut nicks = lock(&self.nicks);
         match nicks.get(&key) {
             Some(&owner) if owner != id => {
-                return Err(RequestError::new(
-                    ErrorCode::NickTaken,
-                    format!("the nickname {nick:?} is in use"),
-                ));
+                return Err(RequestError::new(ErrorCode::NickTaken, format!("the nickname {nick:?} is in use")));
             }
             _ => {}
         }
@@ -230,15 +227,8 @@ impl Hub {
     pub fn set_nick(&self, client: &Arc<Client>, nick: &str, reference: Option<&Ref>) -> Result<(), RequestError> {
         let old = client.identity();
         self.claim_nick(client.id, nick, Some(&old.nick))?;
-        let new = Identity {
-            nick: nick.into(),
-            ..(*old).clone()
-        };
-        client.outbox.push(encode(&ServerFrame::Renamed {
-            user: new.view(),
-            previous: &old.nick,
-            reference,
-        }));
+        let new = Identity { nick: nick.into(), ..(*old).clone() };
+        client.outbox.push(encode(&ServerFrame::Renamed { user: new.view(), previous: &old.nick, reference }));
         client.set_identity(new);
         let new = client.identity();
         let rooms = lock(&client.rooms).clone();
@@ -322,30 +312,18 @@ impl Hub {
             ));
         }
         let name: Arc<str> = name.into();
-        let room = Arc::new(Room {
-            name: name.clone(),
-            state: Mutex::default(),
-        });
+        let room = Arc::new(Room { name: name.clone(), state: Mutex::default() });
         rooms.insert(name, room.clone());
         Ok(room)
     }
 
     fn joined_frame(&self, room: &Room, state: &RoomState, reference: Option<&Ref>) -> Bytes {
-        let identities: Vec<Arc<Identity>> = state
-            .members
-            .values()
-            .take(self.config.rooms.presence_max_members)
-            .map(|m| m.identity())
-            .collect();
+        let identities: Vec<Arc<Identity>> =
+            state.members.values().take(self.config.rooms.presence_max_members).map(|m| m.identity()).collect();
         let members: Vec<_> = identities.iter().map(|i| i.view()).collect();
         let skip = state.history.len().saturating_sub(self.config.rooms.history_on_join);
         encode_with_list(
-            &ServerFrame::Joined {
-                room: &room.name,
-                member_count: state.members.len(),
-                members: &members,
-                reference,
-            },
+            &ServerFrame::Joined { room: &room.name, member_count: state.members.len(), members: &members, reference },
             "history",
             state.history.iter().skip(skip).map(|(_, frame)| payload_of(frame)),
         )
@@ -393,7 +371,13 @@ impl Hub {
     /// Handles `message`: gives it the room's next id, keeps it in history,
     /// and sends the same encoded frame to every member (the sender too),
     /// then `ack` to the sender if the frame had a `ref`.
-    pub fn post(&self, client: &Arc<Client>, name: &str, content: &str, reference: Option<&Ref>) -> Result<(), RequestError> {
+    pub fn post(
+        &self,
+        client: &Arc<Client>,
+        name: &str,
+        content: &str,
+        reference: Option<&Ref>,
+    ) -> Result<(), RequestError> {
         let room = client.room(name).ok_or_else(|| not_member(name))?;
         let identity = client.identity();
         let mut state = lock(&room.state);
@@ -415,12 +399,7 @@ impl Hub {
         fan_out(&state, &frame, None);
         drop(state);
         if let Some(reference) = reference {
-            client.outbox.push(encode(&ServerFrame::Ack {
-                reference,
-                id,
-                room: name,
-                ts,
-            }));
+            client.outbox.push(encode(&ServerFrame::Ack { reference, id, room: name, ts }));
         }
         Ok(())
     }
@@ -445,11 +424,7 @@ impl Hub {
         };
         let start = end.saturating_sub(limit);
         let frame = encode_with_list(
-            &ServerFrame::History {
-                room: name,
-                more: start > 0,
-                reference,
-            },
+            &ServerFrame::History { room: name, more: start > 0, reference },
             "messages",
             state.history.range(start..end).map(|(_, frame)| payload_of(frame)),
         );
@@ -550,9 +525,7 @@ pub fn random_u64() -> u64 {
     // The OS random source failing is not recoverable in any useful way; fall
     // back to the clock so ids stay unique within the process.
     if getrandom::fill(&mut bytes).is_err() {
-        return std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     }
     u64::from_ne_bytes(bytes)
 }

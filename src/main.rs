@@ -63,10 +63,8 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
     let config = config::load_file(path).map_err(|problems| anyhow::anyhow!("{problems}"))?;
     init_logging(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.bind)
             .await
@@ -78,7 +76,9 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
 
 fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match config.log.format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -20,9 +20,7 @@ pub fn validate_nick(nick: &str, rules: &NicknamesConfig) -> Result<(), NameErro
         return Err(format!("a nickname must start with a letter or digit, not {nick:?}"));
     }
     if let Some(bad) = nick.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
-        return Err(format!(
-            "a nickname may hold letters, digits, `_`, `-` and `.`; {bad:?} is not allowed"
-        ));
+        return Err(format!("a nickname may hold letters, digits, `_`, `-` and `.`; {bad:?} is not allowed"));
     }
     Ok(())
 }

@@ -114,11 +114,7 @@ pub struct RequestError {
 impl RequestError {
     /// An error with no `ref` attached yet.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            reference: None,
-        }
+        Self { code, message: message.into(), reference: None }
     }
 
     /// Encodes this error as an `error` frame.
@@ -147,9 +143,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, RequestError> {
         Some(Value::String(s)) if s.len() <= MAX_REF_BYTES => Some(Ref(Value::String(s))),
         Some(n @ Value::Number(_)) => Some(Ref(n)),
         Some(_) => {
-            return Err(bad(format!(
-                "`ref` must be an integer or a string of at most {MAX_REF_BYTES} bytes"
-            )));
+            return Err(bad(format!("`ref` must be an integer or a string of at most {MAX_REF_BYTES} bytes")));
         }
     };
     let with_ref = |mut e: RequestError| {
@@ -359,9 +353,7 @@ fn write_json(buf: &mut FrameBuf, frame: &ServerFrame<'_>) {
 
 /// Milliseconds since the Unix epoch, for `ts` fields.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
@@ -376,22 +368,9 @@ mod tests {
     fn parses_each_request_with_its_ref() {
         let frame = parse_client_frame(r#"{"type":"message","room":"lobby","content":"hi","ref":7}"#).unwrap();
         assert_eq!(frame.reference, Some(Ref(Value::from(7))));
-        assert_eq!(
-            frame.request,
-            Request::Message {
-                room: "lobby".into(),
-                content: "hi".into()
-            }
-        );
+        assert_eq!(frame.request, Request::Message { room: "lobby".into(), content: "hi".into() });
         let frame = parse_client_frame(r#"{"type":"history","room":"a","before":10}"#).unwrap();
-        assert_eq!(
-            frame.request,
-            Request::History {
-                room: "a".into(),
-                before: Some(10),
-                limit: None
-            }
-        );
+        assert_eq!(frame.request, Request::History { room: "a".into(), before: Some(10), limit: None });
     }
 
     #[test]
@@ -427,11 +406,7 @@ mod tests {
     #[test]
     fn list_frames_embed_stored_objects_verbatim() {
         let frame = encode_with_list(
-            &ServerFrame::History {
-                room: "a",
-                more: false,
-                reference: None,
-            },
+            &ServerFrame::History { room: "a", more: false, reference: None },
             "messages",
             [&b"{\"id\":1}"[..], &b"{\"id\":2}"[..]],
         );

@@ -43,9 +43,7 @@ pub struct Server {
 impl Server {
     /// A server with this configuration.
     pub fn new(config: Config) -> Self {
-        Self {
-            config: Arc::new(config),
-        }
+        Self { config: Arc::new(config) }
     }
 
     /// Serves on `listener` until `shutdown` resolves, then closes every

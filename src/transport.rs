@@ -74,11 +74,7 @@ pub fn routes(hub: Arc<Hub>) -> impl Filter<Extract = (Response,), Error = Infal
     warp::get()
         .and(healthz.or(readyz).unify().or(ws).unify())
         .recover(|rejection: warp::Rejection| async move {
-            let status = if rejection.is_not_found() {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::BAD_REQUEST
-            };
+            let status = if rejection.is_not_found() { StatusCode::NOT_FOUND } else { StatusCode::BAD_REQUEST };
             Ok::<_, Infallible>(plain(status, status.canonical_reason().unwrap_or("error")))
         })
         .unify()

@@ -12,9 +12,8 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .ok_or_else(|| format!("`{text}` has no unit; write e.g. \"{text}s\" (units: ms, s, m, h)"))?;
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration; write e.g. \"10s\" or \"500ms\""))?;
+    let value: f64 =
+        number.parse().map_err(|_| format!("`{text}` is not a duration; write e.g. \"10s\" or \"500ms\""))?;
     let seconds = match unit.trim() {
         "ms" => value / 1000.0,
         "s" => value,

@@ -51,12 +51,7 @@ pub struct Problems {
 impl fmt::Display for Problems {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.problems.len();
-        writeln!(
-            f,
-            "{}: {count} problem{}",
-            self.path.display(),
-            if count == 1 { "" } else { "s" }
-        )?;
+        writeln!(f, "{}: {count} problem{}", self.path.display(), if count == 1 { "" } else { "s" })?;
         for problem in &self.problems {
             writeln!(f, "  {}:{problem}", self.path.display())?;
         }
@@ -68,17 +63,9 @@ impl fmt::Display for Problems {
 pub fn load_file(path: &Path) -> Result<Config, Problems> {
     let text = std::fs::read_to_string(path).map_err(|e| Problems {
         path: path.to_owned(),
-        problems: vec![Problem {
-            line: 1,
-            column: 1,
-            key: None,
-            message: format!("cannot read the file: {e}"),
-        }],
+        problems: vec![Problem { line: 1, column: 1, key: None, message: format!("cannot read the file: {e}") }],
     })?;
-    parse(&text).map_err(|problems| Problems {
-        path: path.to_owned(),
-        problems,
-    })
+    parse(&text).map_err(|problems| Problems { path: path.to_owned(), problems })
 }
 
 /// Loads a config from TOML text, returning every problem found.
@@ -130,12 +117,7 @@ impl Problem {
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         let column = before[line_start..].chars().count() + 1;
-        Self {
-            line,
-            column,
-            key,
-            message: message.trim().to_owned(),
-        }
+        Self { line, column, key, message: message.trim().to_owned() }
     }
 }
 
@@ -203,10 +185,7 @@ mod tests {
     fn reports_every_problem_with_its_place() {
         let text = "[server]\nbnd = \"x\"\n\n[limits]\nmax_frame_bytes = \"big\"\noutbound_queue = 0\n";
         let problems = parse(text).expect_err("three mistakes");
-        let summary: Vec<_> = problems
-            .iter()
-            .map(|p| (p.line, p.column, p.key.clone().unwrap_or_default()))
-            .collect();
+        let summary: Vec<_> = problems.iter().map(|p| (p.line, p.column, p.key.clone().unwrap_or_default())).collect();
         assert_eq!(
             summary,
             vec![

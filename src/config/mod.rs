@@ -44,9 +44,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
-        }
+        Self { bind: SocketAddr::from(([127, 0, 0, 1], 8080)) }
     }
 }
 
@@ -64,11 +62,7 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self {
-            max_frame_bytes: 16 * 1024,
-            max_message_bytes: 16 * 1024,
-            outbound_queue: 1024,
-        }
+        Self { max_frame_bytes: 16 * 1024, max_message_bytes: 16 * 1024, outbound_queue: 1024 }
     }
 }
 
@@ -155,10 +149,7 @@ pub struct NicknamesConfig {
 
 impl Default for NicknamesConfig {
     fn default() -> Self {
-        Self {
-            min_chars: 2,
-            max_chars: 24,
-        }
+        Self { min_chars: 2, max_chars: 24 }
     }
 }
 
@@ -174,10 +165,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Pretty,
-            level: "info".to_owned(),
-        }
+        Self { format: LogFormat::Pretty, level: "info".to_owned() }
     }
 }
 
@@ -239,10 +227,7 @@ impl Config {
         check(
             rooms.history_on_join <= rooms.history_kept,
             "rooms.history_on_join",
-            format!(
-                "must not exceed rooms.history_kept ({}), got {}",
-                rooms.history_kept, rooms.history_on_join
-            ),
+            format!("must not exceed rooms.history_kept ({}), got {}", rooms.history_kept, rooms.history_on_join),
         );
 
         let t = &self.timeouts;
@@ -252,11 +237,7 @@ impl Config {
             ("timeouts.idle", t.idle),
             ("timeouts.close", t.close),
         ] {
-            check(
-                value >= Duration::from_millis(10),
-                key,
-                format!("must be at least 10ms, got {value:?}"),
-            );
+            check(value >= Duration::from_millis(10), key, format!("must be at least 10ms, got {value:?}"));
         }
         check(
             t.idle > t.ping_interval,
@@ -272,10 +253,7 @@ impl Config {
         check(
             n.max_chars >= n.min_chars && n.max_chars <= 64,
             "nicknames.max_chars",
-            format!(
-                "must be between nicknames.min_chars ({}) and 64, got {}",
-                n.min_chars, n.max_chars
-            ),
+            format!("must be between nicknames.min_chars ({}) and 64, got {}", n.min_chars, n.max_chars),
         );
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(("log.level", format!("is not a valid log filter: {e}")));

@@ -216,10 +216,7 @@ pub struct HeaderError {
 }
 
 fn protocol_error(reason: impl Into<String>) -> HeaderError {
-    HeaderError {
-        code: CloseCode::PROTOCOL_ERROR,
-        reason: reason.into(),
-    }
+    HeaderError { code: CloseCode::PROTOCOL_ERROR, reason: reason.into() }
 }
 
 /// Parses a client frame header at the start of `buf`. `Ok(None)` means more

@@ -26,11 +26,10 @@ pub enum HandshakeError {
 /// Checks the upgrade headers and returns the `Sec-WebSocket-Accept` value.
 pub fn accept(headers: &HeaderMap) -> Result<String, HandshakeError> {
     let has_token = |name, token: &str| {
-        headers.get_all(name).iter().any(|value| {
-            value
-                .to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
+        headers
+            .get_all(name)
+            .iter()
+            .any(|value| value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
     };
     if !has_token(CONNECTION, "upgrade") || !has_token(UPGRADE, "websocket") {
         return Err(HandshakeError::NotUpgrade);

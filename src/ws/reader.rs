@@ -25,9 +25,11 @@ pub type Violation = HeaderError;
 /// What the event handler wants after an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
-    /// Keep reading.
+    /// Keep going.
     Continue,
-    /// Stop: ignore the rest of the input.
+    /// Stop for now: keep the rest of the input for [`MessageReader::resume`].
+    Pause,
+    /// Stop for good: drop the rest of the input.
     Stop,
 }
 
@@ -71,19 +73,25 @@ impl MessageReader {
 
     /// Feeds bytes read from the socket (the buffer is used as scratch space
     /// for unmasking) and calls `on_event` for each complete event, until it
-    /// returns [`Flow::Stop`].
+    /// returns [`Flow::Pause`] or [`Flow::Stop`]. Input not yet handled (an
+    /// incomplete frame, or everything after a pause) is kept.
     pub fn feed(&mut self, data: &mut [u8], mut on_event: impl FnMut(Event<'_>) -> Flow) -> Result<Flow, Violation> {
-        if self.partial.is_empty() {
-            let (consumed, flow) = self.process(data, &mut on_event)?;
-            if flow == Flow::Continue && consumed < data.len() {
-                self.partial.extend_from_slice(&data[consumed..]);
-            }
-            return Ok(flow);
+        if !self.partial.is_empty() {
+            self.partial.extend_from_slice(data);
+            return self.resume(on_event);
         }
+        let (consumed, flow) = self.process(data, &mut on_event)?;
+        if flow != Flow::Stop && consumed < data.len() {
+            self.partial.extend_from_slice(&data[consumed..]);
+        }
+        Ok(flow)
+    }
+
+    /// Handles the input kept by [`feed`](Self::feed) after a pause.
+    pub fn resume(&mut self, mut on_event: impl FnMut(Event<'_>) -> Flow) -> Result<Flow, Violation> {
         let mut buf = std::mem::take(&mut self.partial);
-        buf.extend_from_slice(data);
         let (consumed, flow) = self.process(&mut buf, &mut on_event)?;
-        if flow == Flow::Continue && consumed < buf.len() {
+        if flow != Flow::Stop && consumed < buf.len() {
             buf.drain(..consumed);
             self.partial = buf;
         }
@@ -92,7 +100,11 @@ impl MessageReader {
 
     /// Handles every complete frame at the start of `buf`; returns how many
     /// bytes were consumed.
-    fn process(&mut self, buf: &mut [u8], on_event: &mut impl FnMut(Event<'_>) -> Flow) -> Result<(usize, Flow), Violation> {
+    fn process(
+        &mut self,
+        buf: &mut [u8],
+        on_event: &mut impl FnMut(Event<'_>) -> Flow,
+    ) -> Result<(usize, Flow), Violation> {
         let mut pos = 0;
         while let Some(header) = parse_header(&buf[pos..], self.max_frame as usize)? {
             let end = pos + header.header_len + header.payload_len;
@@ -102,8 +114,9 @@ impl MessageReader {
             let payload = &mut buf[pos + header.header_len..end];
             unmask(payload, header.mask);
             pos = end;
-            if self.frame(header.opcode, header.fin, payload, on_event)? == Flow::Stop {
-                return Ok((pos, Flow::Stop));
+            match self.frame(header.opcode, header.fin, payload, on_event)? {
+                Flow::Continue => {}
+                flow => return Ok((pos, flow)),
             }
         }
         Ok((pos, Flow::Continue))
@@ -127,12 +140,7 @@ impl MessageReader {
                 if fin {
                     return Ok(on_event(complete(opcode, payload)?));
                 }
-                let mut fragments = Box::new(Fragments {
-                    opcode,
-                    text: Vec::new(),
-                    len: 0,
-                    utf8_checked: 0,
-                });
+                let mut fragments = Box::new(Fragments { opcode, text: Vec::new(), len: 0, utf8_checked: 0 });
                 self.append(&mut fragments, payload)?;
                 self.fragments = Some(fragments);
                 Ok(Flow::Continue)
@@ -147,9 +155,7 @@ impl MessageReader {
                     return Ok(Flow::Continue);
                 }
                 let event = match fragments.opcode {
-                    OpCode::Text => Event::Text(
-                        std::str::from_utf8(&fragments.text).map_err(|_| invalid_utf8())?,
-                    ),
+                    OpCode::Text => Event::Text(std::str::from_utf8(&fragments.text).map_err(|_| invalid_utf8())?),
                     _ => Event::Binary,
                 };
                 Ok(on_event(event))
@@ -202,17 +208,11 @@ fn parse_close(payload: &[u8]) -> Result<Option<(u16, &str)>, Violation> {
 }
 
 fn protocol(reason: impl Into<String>) -> Violation {
-    Violation {
-        code: CloseCode::PROTOCOL_ERROR,
-        reason: reason.into(),
-    }
+    Violation { code: CloseCode::PROTOCOL_ERROR, reason: reason.into() }
 }
 
 fn invalid_utf8() -> Violation {
-    Violation {
-        code: CloseCode::INVALID_PAYLOAD,
-        reason: "text is not valid UTF-8".to_owned(),
-    }
+    Violation { code: CloseCode::INVALID_PAYLOAD, reason: "text is not valid UTF-8".to_owned() }
 }
 
 #[cfg(test)]
@@ -257,6 +257,27 @@ mod tests {
             vec!["Ping([112])".to_owned(), "Text(\"héllo world\")".to_owned()]
         );
         assert!(reader.partial.is_empty() && reader.fragments.is_none());
+    }
+
+    #[test]
+    fn pause_keeps_the_rest_for_resume() {
+        let mut reader = MessageReader::new(1024, 1024);
+        let mut bytes = frame(0x81, b"one");
+        bytes.extend(frame(0x81, b"two"));
+        bytes.extend(frame(0x81, b"thr"));
+        let mut seen = Vec::new();
+        let flow = reader.feed(&mut bytes, |event| {
+            seen.push(format!("{event:?}"));
+            Flow::Pause
+        });
+        assert_eq!((flow, seen.len()), (Ok(Flow::Pause), 1));
+        let flow = reader.resume(|event| {
+            seen.push(format!("{event:?}"));
+            Flow::Continue
+        });
+        assert_eq!(flow, Ok(Flow::Continue));
+        assert_eq!(seen, ["Text(\"one\")", "Text(\"two\")", "Text(\"thr\")"]);
+        assert!(reader.partial.is_empty());
     }
 
     #[test]

@@ -1,0 +1,84 @@
+//! The `wardroom` binary: `check`, `--config`, the start-up log line, and
+//! shutdown on SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::Client;
+
+fn wardroom() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wardroom"))
+}
+
+fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wardroom-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn check_reports_every_mistake_with_line_column_and_key() {
+    let path = temp_config(
+        "three-mistakes",
+        "[server]\nbind = \"not an address\"\n\n[limits]\nmax_frame_bytes = 8\n\n[rooms]\nmax_romos = 3\n",
+    );
+    let output = wardroom().arg("check").arg(&path).output().expect("run wardroom check");
+    assert!(!output.status.success(), "a bad config must fail the check");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("config.toml:")).collect();
+    assert_eq!(lines.len(), 4, "header + three problems:\n{stderr}");
+    assert!(lines[0].ends_with("3 problems"), "{stderr}");
+    for (line, column, key, what) in [
+        (2, 8, "server.bind", "invalid socket address"),
+        (5, 1, "limits.max_frame_bytes", "must be between 16 and"),
+        (8, 1, "rooms.max_romos", "unknown field `max_romos`, expected one of `max_rooms`"),
+    ] {
+        let needle = format!("config.toml:{line}:{column}: `{key}`: {what}");
+        assert!(stderr.contains(&needle), "missing {needle:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+    let output = wardroom().args(["check", shipped]).output().expect("run wardroom check");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_logs_its_address_serves_chat_and_exits_0_on_sigterm() {
+    let path = temp_config("run", "[server]\nbind = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n");
+    let mut child = wardroom()
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start wardroom");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let listening = rx.recv_timeout(Duration::from_secs(20)).expect("a first log line");
+    let line: serde_json::Value = serde_json::from_str(&listening).expect("json log line");
+    assert_eq!(line["fields"]["message"], "listening", "{listening}");
+    let addr = line["fields"]["addr"].as_str().expect("addr field").to_owned();
+
+    let mut client = Client::connect(&format!("ws://{addr}/ws?nick=Ops")).await;
+    client.join("lobby").await;
+    client.post("lobby", "hello from the binary").await;
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    assert_eq!(client.expect_close().await, (1001, "server shutting down".to_owned()));
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    assert!(exit.success(), "exit status {exit:?}");
+}

@@ -1,0 +1,197 @@
+//! Test support: a real Wardroom server on `127.0.0.1:0`, real WebSocket
+//! clients (tokio-tungstenite), and a raw-socket client for frames that a
+//! well-behaved client library refuses to send.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+pub mod raw;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wardroom::Server;
+use wardroom::config::{self, Config};
+
+/// How long a test waits for something that should happen promptly.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A server running in this process.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    /// A server with the default configuration.
+    pub async fn start() -> Self {
+        Self::with_config(Config::default()).await
+    }
+
+    /// A server with the defaults overridden by `toml` (same syntax as config.toml).
+    pub async fn with_toml(toml: &str) -> Self {
+        let config = config::parse(toml).unwrap_or_else(|problems| panic!("test config is invalid: {problems:?}"));
+        Self::with_config(config).await
+    }
+
+    /// A server with this configuration.
+    pub async fn with_config(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(Server::new(config).run(listener, async {
+            let _ = rx.await;
+        }));
+        Self { addr, shutdown: Some(tx), task }
+    }
+
+    /// `ws://…/ws`, with `?nick=` when given.
+    pub fn ws_url(&self, nick: Option<&str>) -> String {
+        match nick {
+            Some(nick) => format!("ws://{}/ws?nick={nick}", self.addr),
+            None => format!("ws://{}/ws", self.addr),
+        }
+    }
+
+    /// A connected client that has read its `welcome`.
+    pub async fn client(&self, nick: &str) -> Client {
+        Client::connect(&self.ws_url(Some(nick))).await
+    }
+
+    /// A plain HTTP GET; returns the status code.
+    pub async fn get_status(&self, path: &str) -> u16 {
+        raw::http_get_status(self.addr, path).await
+    }
+
+    /// Starts shutdown (as SIGTERM would) without waiting for it to finish.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the server to finish shutting down.
+    pub async fn finished(self) -> std::io::Result<()> {
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("server did not stop within 30 s")
+            .expect("server task panicked")
+    }
+}
+
+/// A real WebSocket client.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The `welcome` frame.
+    pub welcome: Value,
+}
+
+impl Client {
+    /// Connects and reads `welcome`.
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connect");
+        let mut client = Self { ws, welcome: Value::Null };
+        client.welcome = client.recv().await;
+        assert_eq!(client.welcome["type"], "welcome", "first frame must be welcome: {}", client.welcome);
+        client
+    }
+
+    /// This client's nickname according to `welcome`.
+    pub fn nick(&self) -> String {
+        self.welcome["user"]["nick"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Sends a JSON frame.
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    /// Sends a text frame as is.
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Sends any WebSocket message.
+    pub async fn send_message(&mut self, message: Message) {
+        self.ws.send(message).await.expect("send");
+    }
+
+    /// The next text frame as JSON (pings and pongs are skipped).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            match self.next_message().await {
+                Some(Message::Text(text)) => {
+                    return serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("server sent invalid JSON {text:?}: {e}"));
+                }
+                Some(Message::Ping(_) | Message::Pong(_)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame, or `None` when the connection ended.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        match tokio::time::timeout(PATIENCE, self.ws.next()).await {
+            Ok(Some(Ok(message))) => Some(message),
+            Ok(Some(Err(_)) | None) => None,
+            Err(_) => panic!("no frame within {PATIENCE:?}"),
+        }
+    }
+
+    /// Reads until the server's Close frame and returns its code and reason,
+    /// then lets the client library answer it and waits for the server to
+    /// end the connection.
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        let close = loop {
+            match self.next_message().await {
+                Some(Message::Close(Some(CloseFrame { code, reason }))) => break (code.into(), reason.to_string()),
+                Some(Message::Close(None)) => break (1005, String::new()),
+                Some(_) => continue,
+                None => panic!("connection ended without a Close frame"),
+            }
+        };
+        while self.next_message().await.is_some() {}
+        close
+    }
+
+    /// Joins a room and returns the `joined` frame.
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.send(json!({"type": "join", "room": room})).await;
+        let joined = self.recv().await;
+        assert_eq!(joined["type"], "joined", "{joined}");
+        joined
+    }
+
+    /// Sends a message with a `ref` and returns the `ack`, skipping the
+    /// message's own echo and anything else that arrives first.
+    pub async fn post(&mut self, room: &str, content: &str) -> Value {
+        let reference = format!("post-{content}");
+        self.send(json!({"type": "message", "room": room, "content": content, "ref": reference})).await;
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == "ack" && frame["ref"] == reference.as_str() {
+                return frame;
+            }
+            assert_ne!(frame["type"], "error", "post failed: {frame}");
+        }
+    }
+
+    /// The underlying WebSocket, e.g. to split it into a sender and a reader.
+    pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.ws
+    }
+
+    /// Closes the connection cleanly.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
