@@ -27,9 +27,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::admission::Ticket;
 use crate::client::Client;
 use crate::hub::Hub;
-use crate::outbox::Next;
+use crate::outbox::{CloseReason, Next};
 use crate::protocol::{ClientFrame, ErrorCode, Request, RequestError, parse_client_frame};
 use crate::ws::{CloseCode, Event, Flow, MessageReader, OpCode, Violation, encode_control};
 
@@ -48,8 +49,17 @@ thread_local! {
 /// Serves one connection from the `101` answer until it closes. The client
 /// was counted by [`Hub::new_client`]; it is removed from the hub when this
 /// future ends or is aborted.
-pub async fn serve(hub: Arc<Hub>, client: Arc<Client>, on_upgrade: OnUpgrade, requested_nick: Option<String>) {
-    let _disconnect = Disconnect { hub: &hub, client: &client };
+///
+/// `tickets` hold the connection's admission slots until it ends.
+pub async fn serve(
+    hub: Arc<Hub>,
+    client: Arc<Client>,
+    on_upgrade: OnUpgrade,
+    requested_nick: Option<String>,
+    tickets: [Option<Ticket>; 2],
+) {
+    let _tickets = tickets;
+    let mut disconnect = Disconnect { hub: &hub, client: &client, registered: false };
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
@@ -62,6 +72,8 @@ pub async fn serve(hub: Arc<Hub>, client: Arc<Client>, on_upgrade: OnUpgrade, re
         return;
     };
     hub.register(&client, requested_nick.as_deref());
+    disconnect.registered = true;
+    drop(requested_nick);
     tracing::debug!(conn = client.id, addr = %client.addr, "connected");
 
     let limits = &hub.config().limits;
@@ -164,7 +176,10 @@ impl Connection<'_> {
             while !self.batch.is_empty() {
                 ready!(self.stream.poll_write_ready(cx))?;
                 match write_batch(&self.stream, &self.batch) {
-                    Ok(written) => advance(&mut self.batch, written),
+                    Ok(written) => {
+                        let frames = advance(&mut self.batch, written);
+                        self.session.hub.metrics.frames_out.add(frames);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Err(e)),
                 }
@@ -220,7 +235,12 @@ impl Connection<'_> {
             Err(violation) => {
                 let client = self.session.client;
                 tracing::debug!(conn = client.id, code = violation.code, reason = %violation.reason, "protocol violation");
-                client.outbox.close(violation.code, &violation.reason, false);
+                client.outbox.close(
+                    violation.code,
+                    &violation.reason,
+                    CloseReason::for_violation(violation.code),
+                    false,
+                );
                 self.read_end = Some(ReadEnd::Failed);
             }
         }
@@ -237,16 +257,20 @@ fn write_batch(stream: &TcpStream, batch: &VecDeque<Bytes>) -> io::Result<usize>
     stream.try_write_vectored(&slices[..count])
 }
 
-/// Drops `written` bytes from the front of `batch`.
-fn advance(batch: &mut VecDeque<Bytes>, mut written: usize) {
+/// Drops `written` bytes from the front of `batch`; returns how many frames
+/// were completed.
+fn advance(batch: &mut VecDeque<Bytes>, mut written: usize) -> u64 {
+    let mut completed = 0;
     while let Some(front) = batch.front_mut() {
         if written < front.len() {
             front.advance(written);
-            return;
+            break;
         }
         written -= front.len();
         batch.pop_front();
+        completed += 1;
     }
+    completed
 }
 
 /// Reads and discards until the peer closes its side.
@@ -268,12 +292,16 @@ async fn drain(stream: &TcpStream) {
 struct Disconnect<'a> {
     hub: &'a Hub,
     client: &'a Arc<Client>,
+    /// The upgrade completed and the client was welcomed.
+    registered: bool,
 }
 
 impl Drop for Disconnect<'_> {
     fn drop(&mut self) {
         self.hub.disconnect(self.client);
-        tracing::debug!(conn = self.client.id, "disconnected");
+        if self.registered {
+            self.hub.record_close(self.client);
+        }
     }
 }
 
@@ -291,7 +319,7 @@ impl Session<'_> {
         match event {
             Event::Close(code) => {
                 let code = code.map_or(CloseCode::NORMAL, |(code, _)| code);
-                self.client.outbox.close(code, "", false);
+                self.client.outbox.close(code, "", CloseReason::Client, false);
                 return Flow::Stop;
             }
             Event::Ping(payload) => {
@@ -319,6 +347,7 @@ impl Session<'_> {
             })
         });
         if let Err(error) = result {
+            self.hub.metrics.request_errors.inc();
             tracing::debug!(conn = self.client.id, code = ?error.code, frame = ?truncate(text), "request refused");
             self.client.outbox.push(error.to_frame());
         }
@@ -352,9 +381,9 @@ mod tests {
     #[test]
     fn advance_handles_partial_frames() {
         let mut batch: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fgh"].into_iter().map(Bytes::from_static).collect();
-        advance(&mut batch, 4);
+        assert_eq!(advance(&mut batch, 4), 1);
         assert_eq!(batch, [Bytes::from_static(b"e"), Bytes::from_static(b"fgh")]);
-        advance(&mut batch, 4);
+        assert_eq!(advance(&mut batch, 4), 2);
         assert!(batch.is_empty());
     }
 }

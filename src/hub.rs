@@ -22,12 +22,13 @@ use tokio::sync::watch;
 use crate::client::{Client, ConnId, Identity, Roles};
 use crate::config::Config;
 use crate::lock;
+use crate::metrics::{Metrics, Snapshot};
 use crate::names::{fold_nick, validate_nick, validate_room};
-use crate::outbox::Pushed;
+use crate::outbox::{CloseReason, Pushed};
 use crate::protocol::{
     ErrorCode, Limits, PresenceEvent, Ref, RequestError, ServerFrame, encode, encode_with_list, now_ms,
 };
-use crate::ws::{OpCode, encode_control, payload_of};
+use crate::ws::{CloseCode, OpCode, encode_control, payload_of};
 
 /// Shared state of the chat: a cheap-to-clone handle is `Arc<Hub>`.
 #[derive(Debug)]
@@ -48,6 +49,8 @@ pub struct Hub {
     live: watch::Sender<usize>,
     /// Set once shutdown starts: no new client is welcomed.
     closing: AtomicBool,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
 }
 
 /// A chat room.
@@ -95,6 +98,7 @@ impl Hub {
             next_conn: AtomicU64::new(1),
             live: watch::Sender::new(0),
             closing: AtomicBool::new(false),
+            metrics: Metrics::default(),
         }
     }
 
@@ -139,8 +143,9 @@ impl Hub {
     /// allowed, else a `guest-NNNN`) and sends `welcome`, then an `error` if the
     /// requested nickname was refused.
     pub fn register(&self, client: &Arc<Client>, requested_nick: Option<&str>) {
+        self.metrics.connections_opened.inc();
         if self.is_closing() {
-            client.outbox.close(crate::ws::CloseCode::GOING_AWAY, "server shutting down", false);
+            client.outbox.close(CloseCode::GOING_AWAY, "server shutting down", CloseReason::Shutdown, false);
             return;
         }
         let refused = requested_nick.and_then(|nick| self.claim_nick(client.id, nick, None).err());
@@ -184,6 +189,26 @@ impl Hub {
         }
         if lock(&self.clients).remove(&client.id).is_some() {
             self.live.send_modify(|n| *n -= 1);
+        }
+    }
+
+    /// Counts a connection that was upgraded and has now ended.
+    pub fn record_close(&self, client: &Client) {
+        let reason = client.outbox.close_reason().unwrap_or(CloseReason::Gone);
+        self.metrics.closed(reason);
+        tracing::debug!(conn = client.id, reason = reason.as_str(), "disconnected");
+    }
+
+    /// Current values for `/metrics`.
+    pub fn snapshot(&self, tcp_connections: usize) -> Snapshot {
+        let clients: Vec<Arc<Client>> = lock(&self.clients).values().cloned().collect();
+        let depths = clients.iter().map(|c| c.outbox.len());
+        Snapshot {
+            connections: clients.len(),
+            tcp_connections,
+            rooms: lock(&self.rooms).len(),
+            queued_frames: depths.clone().sum(),
+            max_queued_frames: depths.max().unwrap_or(0),
         }
     }
 
@@ -241,7 +266,7 @@ impl Hub {
                     event: PresenceEvent::Nick,
                     previous: Some(&old.nick),
                 });
-                fan_out(&state, &frame, Some(client.id));
+                self.fan_out(&state, &frame, Some(client.id));
             }
         }
         Ok(())
@@ -289,7 +314,7 @@ impl Hub {
                         event: PresenceEvent::Join,
                         previous: None,
                     });
-                    fan_out(&state, &frame, Some(client.id));
+                    self.fan_out(&state, &frame, Some(client.id));
                 }
                 drop(state);
                 lock(&client.rooms).push(room);
@@ -354,7 +379,7 @@ impl Hub {
                     event: PresenceEvent::Leave,
                     previous: None,
                 });
-                fan_out(&state, &frame, None);
+                self.fan_out(&state, &frame, None);
             }
             state.members.is_empty()
         };
@@ -396,12 +421,29 @@ impl Hub {
         while state.history.len() > self.config.rooms.history_kept {
             state.history.pop_front();
         }
-        fan_out(&state, &frame, None);
+        self.fan_out(&state, &frame, None);
         drop(state);
+        self.metrics.messages_in.inc();
         if let Some(reference) = reference {
             client.outbox.push(encode(&ServerFrame::Ack { reference, id, room: name, ts }));
         }
         Ok(())
+    }
+
+    /// Pushes `frame` to every member except `skip`.
+    fn fan_out(&self, state: &RoomState, frame: &Bytes, skip: Option<ConnId>) {
+        let mut queued = 0;
+        for (id, member) in &state.members {
+            if Some(*id) == skip {
+                continue;
+            }
+            match member.outbox.push(frame.clone()) {
+                Pushed::Queued => queued += 1,
+                Pushed::Overflow => tracing::info!(conn = member.id, "closing slow consumer"),
+                Pushed::Closed => {}
+            }
+        }
+        self.metrics.deliveries.add(queued);
     }
 
     /// Handles `history`: up to `limit` messages before id `before` (or the
@@ -452,13 +494,14 @@ impl Hub {
             match client.last_rx() {
                 None if now.saturating_sub(client.connected_at()) > ms(t.first_frame) => {
                     client.outbox.close(
-                        crate::ws::CloseCode::POLICY,
+                        CloseCode::POLICY,
                         &format!("no frame within {:?} of connecting", t.first_frame),
+                        CloseReason::FirstFrameTimeout,
                         true,
                     );
                 }
                 Some(last) if now.saturating_sub(last) > ms(t.idle) => {
-                    client.outbox.close(crate::ws::CloseCode::POLICY, "idle timeout", true);
+                    client.outbox.close(CloseCode::POLICY, "idle timeout", CloseReason::IdleTimeout, true);
                 }
                 last => {
                     let quiet_since = last.unwrap_or(client.connected_at()).max(client.last_ping());
@@ -477,12 +520,12 @@ impl Hub {
     }
 
     /// Starts shutdown: no new client is welcomed, and every client gets what
-    /// is queued for it followed by a Close frame with `code` and `reason`.
-    pub fn close_all(&self, code: u16, reason: &str) {
+    /// is queued for it followed by a Close frame with 1001.
+    pub fn close_all(&self) {
         self.closing.store(true, Ordering::Release);
         let clients: Vec<Arc<Client>> = lock(&self.clients).values().cloned().collect();
         for client in clients {
-            client.outbox.close(code, reason, false);
+            client.outbox.close(CloseCode::GOING_AWAY, "server shutting down", CloseReason::Shutdown, false);
         }
     }
 
@@ -503,15 +546,6 @@ impl Hub {
     /// Number of registered clients.
     pub fn client_count(&self) -> usize {
         *self.live.borrow()
-    }
-}
-
-/// Pushes `frame` to every member except `skip`.
-fn fan_out(state: &RoomState, frame: &Bytes, skip: Option<ConnId>) {
-    for (id, member) in &state.members {
-        if Some(*id) != skip && member.outbox.push(frame.clone()) == Pushed::Overflow {
-            tracing::info!(conn = member.id, "closing slow consumer");
-        }
     }
 }
 

@@ -19,8 +19,11 @@
 //!   at its line and column.
 //! - [`server`]: the accept loop (hyper HTTP/1 with a header-read timeout),
 //!   the deadline sweeper, and shutdown.
+//! - [`admission`]: connection caps (global, per address) and the client
+//!   address behind trusted proxies.
+//! - [`metrics`]: counters and the `/metrics` text.
 //! - [`transport`]: the warp routes (`/ws`, `/healthz`, `/readyz`) and the
-//!   WebSocket upgrade.
+//!   WebSocket upgrade, plus `/metrics`.
 //! - [`connection`]: one upgraded connection: reader and writer over the raw socket.
 //! - [`ws`]: the WebSocket protocol: handshake, frame encoding and parsing.
 //! - [`protocol`]: the JSON frames of protocol v1 and the error codes.
@@ -29,10 +32,12 @@
 //! - [`client`]: one connected client as the hub sees it.
 //! - [`names`]: nickname and room-name rules.
 
+pub mod admission;
 pub mod client;
 pub mod config;
 pub mod connection;
 pub mod hub;
+pub mod metrics;
 pub mod names;
 pub mod outbox;
 pub mod protocol;

@@ -63,8 +63,11 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
     let config = config::load_file(path).map_err(|problems| anyhow::anyhow!("{problems}"))?;
     init_logging(&config);
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.server.workers > 0 {
+        runtime.worker_threads(config.server.workers);
+    }
+    let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.bind)
             .await

@@ -19,6 +19,68 @@ use bytes::Bytes;
 use crate::lock;
 use crate::ws::{CloseCode, close_frame};
 
+/// Why a connection ended, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a Close frame.
+    Client,
+    /// The TCP connection ended without a close handshake.
+    Gone,
+    /// The client broke the WebSocket protocol (1002).
+    ProtocolError,
+    /// The client sent text that is not UTF-8 (1007).
+    InvalidUtf8,
+    /// The client sent a frame or message over the limits (1009).
+    TooLarge,
+    /// The client's outbound queue overflowed (1008).
+    SlowConsumer,
+    /// The client sent nothing within the first-frame deadline (1008).
+    FirstFrameTimeout,
+    /// Nothing arrived from the client for the idle timeout (1008).
+    IdleTimeout,
+    /// The server shut down (1001).
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Every reason, in declaration order (the order of metric arrays).
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Client,
+        CloseReason::Gone,
+        CloseReason::ProtocolError,
+        CloseReason::InvalidUtf8,
+        CloseReason::TooLarge,
+        CloseReason::SlowConsumer,
+        CloseReason::FirstFrameTimeout,
+        CloseReason::IdleTimeout,
+        CloseReason::Shutdown,
+    ];
+
+    /// Label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::Gone => "gone",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::TooLarge => "too_large",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::FirstFrameTimeout => "first_frame_timeout",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// The reason for a violation closed with `code`.
+    pub fn for_violation(code: u16) -> Self {
+        match code {
+            CloseCode::INVALID_PAYLOAD => CloseReason::InvalidUtf8,
+            CloseCode::TOO_BIG => CloseReason::TooLarge,
+            _ => CloseReason::ProtocolError,
+        }
+    }
+}
+
 /// The result of [`Outbox::push`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -57,6 +119,8 @@ struct State {
     close_frame: Option<Bytes>,
     /// When the close started (deadline for the close handshake).
     closing_since: Option<Instant>,
+    /// Why the close started.
+    close_reason: Option<CloseReason>,
 }
 
 impl Outbox {
@@ -69,6 +133,7 @@ impl Outbox {
                 waker: None,
                 close_frame: None,
                 closing_since: None,
+                close_reason: None,
             }),
         }
     }
@@ -82,7 +147,7 @@ impl Outbox {
             }
             if state.queue.len() >= state.capacity {
                 state.queue = VecDeque::new();
-                state.start_close(CloseCode::POLICY, "slow consumer");
+                state.start_close(CloseCode::POLICY, "slow consumer", CloseReason::SlowConsumer);
                 (Pushed::Overflow, state.waker.take())
             } else {
                 state.queue.push_back(frame);
@@ -98,7 +163,7 @@ impl Outbox {
     /// Starts closing the client: what is queued is written first (or dropped
     /// when `discard` is set), then a Close frame with `code` and `reason`.
     /// Returns false if a close had already started.
-    pub fn close(&self, code: u16, reason: &str, discard: bool) -> bool {
+    pub fn close(&self, code: u16, reason: &str, why: CloseReason, discard: bool) -> bool {
         let waker = {
             let mut state = lock(&self.state);
             if state.closing_since.is_some() {
@@ -107,7 +172,7 @@ impl Outbox {
             if discard {
                 state.queue = VecDeque::new();
             }
-            state.start_close(code, reason);
+            state.start_close(code, reason, why);
             state.waker.take()
         };
         if let Some(waker) = waker {
@@ -119,6 +184,11 @@ impl Outbox {
     /// When the close started, if it has.
     pub fn closing_since(&self) -> Option<Instant> {
         lock(&self.state).closing_since
+    }
+
+    /// Why the close started, if it has.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        lock(&self.state).close_reason
     }
 
     /// Frames waiting (not yet taken by the writer).
@@ -153,9 +223,10 @@ impl Outbox {
 }
 
 impl State {
-    fn start_close(&mut self, code: u16, reason: &str) {
+    fn start_close(&mut self, code: u16, reason: &str, why: CloseReason) {
         self.close_frame = Some(close_frame(code, reason));
         self.closing_since = Some(Instant::now());
+        self.close_reason = Some(why);
     }
 }
 
@@ -186,8 +257,9 @@ mod tests {
     fn close_without_discard_flushes_queued_frames_first() {
         let outbox = Outbox::new(8);
         outbox.push(Bytes::from_static(b"a"));
-        assert!(outbox.close(1001, "bye", false));
-        assert!(!outbox.close(1000, "again", false));
+        assert!(outbox.close(1001, "bye", CloseReason::Shutdown, false));
+        assert!(!outbox.close(1000, "again", CloseReason::Client, false));
+        assert_eq!(outbox.close_reason(), Some(CloseReason::Shutdown));
         let (poll, batch) = next(&outbox);
         assert_eq!(poll, Poll::Ready(Next::Closing));
         assert_eq!(batch, vec![Bytes::from_static(b"a"), close_frame(1001, "bye")]);

@@ -6,8 +6,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -17,13 +16,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::transport::{self, PeerAddr, UpgradeSlot};
-use crate::ws::CloseCode;
-
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::transport::{self, Peer, UpgradeSlot};
 
 /// A configured Wardroom server, ready to run on a listener.
 ///
@@ -52,14 +48,16 @@ impl Server {
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let addr = listener.local_addr()?;
         let hub = Arc::new(Hub::new(self.config.clone()));
+        let admission = Arc::new(Admission::new(&self.config.server));
         let sweeper = tokio::spawn(sweep(hub.clone()));
-        let accept = tokio::spawn(accept_loop(listener, hub.clone()));
+        let accept =
+            tokio::spawn(accept_loop(listener, hub.clone(), admission, self.config.server.header_read_timeout));
         tracing::info!(%addr, "listening");
 
         shutdown.await;
         let grace = self.config.timeouts.shutdown_grace;
         tracing::info!(clients = hub.client_count(), ?grace, "shutting down");
-        hub.close_all(CloseCode::GOING_AWAY, "server shutting down");
+        hub.close_all();
         if tokio::time::timeout(grace, hub.wait_empty()).await.is_err() {
             tracing::warn!(clients = hub.client_count(), "grace period over; dropping remaining clients");
             hub.abort_all();
@@ -83,15 +81,22 @@ async fn sweep(hub: Arc<Hub>) {
 /// Accepts connections and serves HTTP on each. Dropping this future (on
 /// shutdown) drops every connection still speaking HTTP; upgraded
 /// connections live in their own tasks, owned by the hub.
-async fn accept_loop(listener: TcpListener, hub: Arc<Hub>) {
-    let routes = warp::service(transport::routes(hub));
+async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, admission: Arc<Admission>, header_read_timeout: Duration) {
+    let routes = warp::service(transport::routes(hub.clone(), admission.clone()));
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    connections.spawn(serve_http(stream, peer, routes.clone()));
-                }
+                Ok((stream, addr)) => match admission.admit(addr.ip()) {
+                    Ok(ticket) => {
+                        let peer = Peer { addr, ticket: Arc::new(Mutex::new(Some(ticket))) };
+                        connections.spawn(serve_http(stream, peer, header_read_timeout, routes.clone()));
+                    }
+                    Err(refusal) => {
+                        hub.metrics.refused(refusal);
+                        tracing::debug!(%addr, reason = refusal.as_str(), "connection refused");
+                    }
+                },
                 Err(e) => {
                     // Typically EMFILE: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -104,7 +109,7 @@ async fn accept_loop(listener: TcpListener, hub: Arc<Hub>) {
 }
 
 /// Serves HTTP/1 on one connection, with upgrades.
-async fn serve_http<S>(stream: TcpStream, peer: SocketAddr, routes: S)
+async fn serve_http<S>(stream: TcpStream, peer: Peer, header_read_timeout: Duration, routes: S)
 where
     S: tower_service::Service<
             http::Request<Incoming>,
@@ -115,6 +120,7 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    let addr = peer.addr;
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "set_nodelay failed");
     }
@@ -123,15 +129,15 @@ where
             let on_upgrade = hyper::upgrade::on(&mut request);
             request.extensions_mut().insert(UpgradeSlot::new(on_upgrade));
         }
-        request.extensions_mut().insert(PeerAddr(peer));
+        request.extensions_mut().insert(peer.clone());
         routes.clone().call(request)
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_read_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     if let Err(e) = connection.await {
-        tracing::debug!(%peer, error = %e, "http connection ended with an error");
+        tracing::debug!(peer = %addr, error = %e, "http connection ended with an error");
     }
 }

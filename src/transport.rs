@@ -1,5 +1,5 @@
-//! HTTP routes, served by warp: `/ws` (the WebSocket upgrade), `/healthz`
-//! and `/readyz`.
+//! HTTP routes, served by warp: `/ws` (the WebSocket upgrade), `/healthz`,
+//! `/readyz` and `/metrics`.
 //!
 //! warp does the routing; the upgrade itself is finished here (see
 //! `docs/design.md`): the handshake is answered with `101`, and once hyper
@@ -16,6 +16,7 @@ use serde::Deserialize;
 use warp::Filter;
 use warp::reply::Response;
 
+use crate::admission::{Admission, Ticket};
 use crate::hub::Hub;
 use crate::lock;
 use crate::ws::handshake::{self, HandshakeError};
@@ -36,9 +37,16 @@ impl UpgradeSlot {
     }
 }
 
-/// The client's address, put in request extensions by the accept loop.
-#[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub SocketAddr);
+/// The TCP connection a request arrived on, put in request extensions by the
+/// accept loop: the peer's address and the connection's admission ticket,
+/// which an upgrade takes over for the life of the WebSocket.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The socket's peer address.
+    pub addr: SocketAddr,
+    /// The admission ticket, until an upgrade takes it.
+    pub ticket: Arc<Mutex<Option<Ticket>>>,
+}
 
 /// Query parameters of `/ws`.
 #[derive(Debug, Default, Deserialize)]
@@ -48,7 +56,21 @@ struct WsQuery {
 }
 
 /// Every route of the server.
-pub fn routes(hub: Arc<Hub>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+pub fn routes(
+    hub: Arc<Hub>,
+    admission: Arc<Admission>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let metrics_hub = hub.clone();
+    let metrics_admission = admission.clone();
+    let metrics = warp::path("metrics").and(warp::path::end()).map(move || {
+        let body = metrics_hub.metrics.render(&metrics_hub.snapshot(metrics_admission.open()));
+        let mut response = Response::new(body.into());
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+        response
+    });
+
     let healthz = warp::path("healthz").and(warp::path::end()).map(|| plain(StatusCode::OK, "ok"));
 
     let ready_hub = hub.clone();
@@ -66,13 +88,13 @@ pub fn routes(hub: Arc<Hub>) -> impl Filter<Extract = (Response,), Error = Infal
         .and(warp::header::headers_cloned())
         .and(warp::query::<WsQuery>().or(warp::any().map(WsQuery::default)).unify())
         .and(warp::ext::optional::<UpgradeSlot>())
-        .and(warp::ext::get::<PeerAddr>())
-        .map(move |headers: HeaderMap, query: WsQuery, slot: Option<UpgradeSlot>, peer: PeerAddr| {
-            upgrade(&hub, &headers, query, slot, peer)
+        .and(warp::ext::get::<Peer>())
+        .map(move |headers: HeaderMap, query: WsQuery, slot: Option<UpgradeSlot>, peer: Peer| {
+            upgrade(&hub, &admission, &headers, query, slot, peer)
         });
 
     warp::get()
-        .and(healthz.or(readyz).unify().or(ws).unify())
+        .and(healthz.or(readyz).unify().or(metrics).unify().or(ws).unify())
         .recover(|rejection: warp::Rejection| async move {
             let status = if rejection.is_not_found() { StatusCode::NOT_FOUND } else { StatusCode::BAD_REQUEST };
             Ok::<_, Infallible>(plain(status, status.canonical_reason().unwrap_or("error")))
@@ -88,7 +110,14 @@ fn plain(status: StatusCode, body: &'static str) -> Response {
 
 /// Answers an upgrade request and, once hyper hands the socket back, serves
 /// the connection.
-fn upgrade(hub: &Arc<Hub>, headers: &HeaderMap, query: WsQuery, slot: Option<UpgradeSlot>, peer: PeerAddr) -> Response {
+fn upgrade(
+    hub: &Arc<Hub>,
+    admission: &Arc<Admission>,
+    headers: &HeaderMap,
+    query: WsQuery,
+    slot: Option<UpgradeSlot>,
+    peer: Peer,
+) -> Response {
     if hub.is_closing() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
     }
@@ -108,10 +137,26 @@ fn upgrade(hub: &Arc<Hub>, headers: &HeaderMap, query: WsQuery, slot: Option<Upg
         return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request");
     };
 
-    let client = hub.new_client(peer.0.ip());
+    // Behind a trusted proxy, the per-address limit applies to the
+    // forwarded client address, which is known only now.
+    let client_ip = admission.client_addr(peer.addr, headers);
+    let forwarded_ticket = if admission.is_trusted_proxy(peer.addr.ip()) {
+        match admission.admit_forwarded(client_ip) {
+            Ok(ticket) => Some(ticket),
+            Err(refusal) => {
+                hub.metrics.refused(refusal);
+                return plain(StatusCode::TOO_MANY_REQUESTS, "too many connections from your address");
+            }
+        }
+    } else {
+        None
+    };
+    let tickets = [lock(&peer.ticket).take(), forwarded_ticket];
+
+    let client = hub.new_client(client_ip);
     let task_client = client.clone();
     let hub = hub.clone();
-    let task = tokio::spawn(crate::connection::serve(hub, task_client, on_upgrade, query.nick));
+    let task = tokio::spawn(crate::connection::serve(hub, task_client, on_upgrade, query.nick, tickets));
     client.set_task(task.abort_handle());
 
     let mut response = Response::default();

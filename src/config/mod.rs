@@ -11,6 +11,7 @@ mod load;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use load::{Problem, Problems, load_file, parse};
@@ -34,18 +35,53 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// `[server]`: the listening socket.
+/// `[server]`: the listening socket and who may connect to it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address and port to listen on. Changing it needs a restart.
     pub bind: SocketAddr,
+    /// Runtime worker threads; 0 means one per CPU core.
+    pub workers: usize,
+    /// Most TCP connections open at once (HTTP and WebSocket).
+    pub max_connections: usize,
+    /// Most connections open at once from one client address.
+    pub max_connections_per_ip: u32,
+    /// How long a client may take to send a request's headers.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Proxies whose `X-Forwarded-For` header gives the client address:
+    /// addresses (`"10.0.0.7"`) or networks (`"10.0.0.0/8"`).
+    #[serde(deserialize_with = "ip_networks")]
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { bind: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            workers: 0,
+            max_connections: 16_384,
+            max_connections_per_ip: 128,
+            header_read_timeout: Duration::from_secs(10),
+            trusted_proxies: Vec::new(),
+        }
     }
+}
+
+/// Parses a list of addresses or networks into networks.
+fn ip_networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    let entries = Vec::<String>::deserialize(deserializer)?;
+    entries
+        .iter()
+        .map(|entry| {
+            entry.parse::<IpNet>().or_else(|_| entry.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{entry:?} is neither an IP address nor a network such as \"10.0.0.0/8\""
+                ))
+            })
+        })
+        .collect()
 }
 
 /// `[limits]`: sizes, enforced before anything is buffered whole.
@@ -189,6 +225,27 @@ impl Config {
                 problems.push((key, message));
             }
         };
+        let server = &self.server;
+        check(
+            server.workers <= 1024,
+            "server.workers",
+            format!("must be at most 1024 (0 = one per core), got {}", server.workers),
+        );
+        check(
+            server.max_connections >= 1,
+            "server.max_connections",
+            format!("must be at least 1, got {}", server.max_connections),
+        );
+        check(
+            server.max_connections_per_ip >= 1,
+            "server.max_connections_per_ip",
+            format!("must be at least 1, got {}", server.max_connections_per_ip),
+        );
+        check(
+            server.header_read_timeout >= Duration::from_millis(10),
+            "server.header_read_timeout",
+            format!("must be at least 10ms, got {:?}", server.header_read_timeout),
+        );
         let limits = &self.limits;
         check(
             (16..=16 * 1024 * 1024).contains(&limits.max_frame_bytes),

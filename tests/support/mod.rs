@@ -190,8 +190,11 @@ impl Client {
         self.ws
     }
 
-    /// Closes the connection cleanly.
+    /// Closes the connection cleanly: sends a Close frame and reads until the
+    /// server ends the connection (dropping a socket with unread data would
+    /// reset it, and the server might never see the Close frame).
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(PATIENCE, self.ws.next()).await {}
     }
 }

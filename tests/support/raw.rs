@@ -54,17 +54,43 @@ pub struct RawClient {
 impl RawClient {
     /// Connects and completes the handshake on `path` (e.g. `/ws?nick=x`).
     pub async fn connect(addr: SocketAddr, path: &str) -> Self {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        match Self::try_connect(addr, path, "", None).await {
+            Ok(client) => client,
+            Err(head) => panic!("handshake refused: {head}"),
+        }
+    }
+
+    /// Connects from `source` (an address on this host) if given, sends the
+    /// upgrade request with `extra_headers` (each ending in `\r\n`), and
+    /// returns the client, or the HTTP response head if the server refused.
+    pub async fn try_connect(
+        addr: SocketAddr,
+        path: &str,
+        extra_headers: &str,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Self, String> {
+        let stream = match source {
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket.bind(SocketAddr::new(ip, 0)).expect("bind source address");
+                socket.connect(addr).await.expect("connect")
+            }
+            None => TcpStream::connect(addr).await.expect("connect"),
+        };
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
         );
-        stream.write_all(request.as_bytes()).await.expect("send handshake");
         let mut client = Self { stream, buf: Vec::new() };
+        if client.stream.write_all(request.as_bytes()).await.is_err() {
+            return Err("connection closed before the request was sent".to_owned());
+        }
         let head = client.read_http_head().await;
-        assert!(head.starts_with("HTTP/1.1 101"), "handshake refused: {head}");
+        if !head.starts_with("HTTP/1.1 101") {
+            return Err(head);
+        }
         assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "wrong accept key: {head}");
-        client
+        Ok(client)
     }
 
     async fn read_http_head(&mut self) -> String {
@@ -78,8 +104,10 @@ impl RawClient {
             let n = tokio::time::timeout(PATIENCE, self.stream.read(&mut chunk))
                 .await
                 .expect("no HTTP response in time")
-                .expect("read");
-            assert!(n > 0, "connection closed during the handshake");
+                .unwrap_or(0);
+            if n == 0 {
+                return String::from("(connection closed during the handshake)");
+            }
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
@@ -190,6 +218,11 @@ pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 
 /// A plain HTTP/1.1 GET; returns the status code.
 pub async fn http_get_status(addr: SocketAddr, path: &str) -> u16 {
+    http_get(addr, path).await.0
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("send request");
@@ -199,8 +232,11 @@ pub async fn http_get_status(addr: SocketAddr, path: &str) -> u16 {
         .expect("no HTTP response in time")
         .expect("read response");
     let text = String::from_utf8_lossy(&response);
-    text.split_whitespace()
+    let status = text
+        .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"))
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    (status, body)
 }

@@ -1,0 +1,158 @@
+//! Prometheus metrics. Counters are plain atomics updated on the hot path
+//! (once per message, never once per recipient); gauges that describe the
+//! current state (connections, rooms, queue depth) are read from the hub when
+//! `/metrics` is scraped. Rendered in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::admission::Refusal;
+use crate::outbox::CloseReason;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current count.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of the server, shared by every task.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// WebSocket connections upgraded.
+    pub connections_opened: Counter,
+    /// WebSocket connections ended, by reason (indexed by [`CloseReason`]).
+    pub connections_closed: [Counter; CloseReason::ALL.len()],
+    /// TCP connections refused by the accept loop or the upgrade.
+    pub connections_refused: [Counter; 2],
+    /// Chat messages accepted from clients.
+    pub messages_in: Counter,
+    /// Frames queued to clients by room fan-out (one per member per event).
+    pub deliveries: Counter,
+    /// Frames written to clients.
+    pub frames_out: Counter,
+    /// Requests answered with an `error` frame.
+    pub request_errors: Counter,
+}
+
+/// Values read from the hub at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Snapshot {
+    /// Open WebSocket connections.
+    pub connections: usize,
+    /// Open TCP connections (HTTP and WebSocket).
+    pub tcp_connections: usize,
+    /// Rooms that exist.
+    pub rooms: usize,
+    /// Frames waiting in all outbound queues.
+    pub queued_frames: usize,
+    /// Frames waiting in the longest outbound queue.
+    pub max_queued_frames: usize,
+}
+
+impl Metrics {
+    /// Counts a refused connection.
+    pub fn refused(&self, refusal: Refusal) {
+        self.connections_refused[refusal as usize].inc();
+    }
+
+    /// Counts an ended connection.
+    pub fn closed(&self, reason: CloseReason) {
+        self.connections_closed[reason as usize].inc();
+    }
+
+    /// The metrics in the Prometheus text exposition format.
+    pub fn render(&self, now: &Snapshot) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let plain = |value: u64| vec![(String::new(), value)];
+        metric(
+            "wardroom_build_info",
+            "gauge",
+            "Build information; the value is always 1.",
+            &[(format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1)],
+        );
+        metric("wardroom_connections", "gauge", "Open WebSocket connections.", &plain(now.connections as u64));
+        metric(
+            "wardroom_tcp_connections",
+            "gauge",
+            "Open TCP connections, HTTP and WebSocket.",
+            &plain(now.tcp_connections as u64),
+        );
+        metric(
+            "wardroom_connections_opened_total",
+            "counter",
+            "WebSocket connections upgraded.",
+            &plain(self.connections_opened.get()),
+        );
+        let closed: Vec<_> = CloseReason::ALL
+            .iter()
+            .map(|reason| {
+                (format!("{{reason=\"{}\"}}", reason.as_str()), self.connections_closed[*reason as usize].get())
+            })
+            .collect();
+        metric("wardroom_connections_closed_total", "counter", "WebSocket connections ended, by reason.", &closed);
+        let refused: Vec<_> = [Refusal::ServerFull, Refusal::TooManyFromAddress]
+            .iter()
+            .map(|r| (format!("{{reason=\"{}\"}}", r.as_str()), self.connections_refused[*r as usize].get()))
+            .collect();
+        metric("wardroom_connections_refused_total", "counter", "Connections refused, by reason.", &refused);
+        metric("wardroom_rooms", "gauge", "Rooms that exist.", &plain(now.rooms as u64));
+        metric(
+            "wardroom_messages_in_total",
+            "counter",
+            "Chat messages accepted from clients.",
+            &plain(self.messages_in.get()),
+        );
+        metric(
+            "wardroom_fanout_deliveries_total",
+            "counter",
+            "Frames queued to room members by fan-out.",
+            &plain(self.deliveries.get()),
+        );
+        metric(
+            "wardroom_outbound_queued_frames",
+            "gauge",
+            "Frames waiting in all outbound queues.",
+            &plain(now.queued_frames as u64),
+        );
+        metric(
+            "wardroom_outbound_queue_max_frames",
+            "gauge",
+            "Frames waiting in the longest outbound queue.",
+            &plain(now.max_queued_frames as u64),
+        );
+        metric(
+            "wardroom_frames_out_total",
+            "counter",
+            "Frames written to clients (slow consumers: wardroom_connections_closed_total{reason=\"slow_consumer\"}).",
+            &plain(self.frames_out.get()),
+        );
+        metric(
+            "wardroom_request_errors_total",
+            "counter",
+            "Requests answered with an error frame.",
+            &plain(self.request_errors.get()),
+        );
+        out
+    }
+}
