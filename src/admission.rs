@@ -55,10 +55,21 @@ pub struct Admission {
 #[derive(Debug)]
 pub struct Ticket {
     admission: Arc<Admission>,
-    /// Whether this ticket holds a global slot.
-    global: bool,
-    /// The address whose per-IP slot this ticket holds, if any.
+    /// The address whose per-IP slot this ticket holds: the socket peer's,
+    /// or, behind a trusted proxy, the forwarded client's (taken at the
+    /// upgrade). Every ticket holds a global slot.
     ip: Option<IpAddr>,
+}
+
+impl Ticket {
+    /// Behind a trusted proxy, takes the per-IP slot of the forwarded client
+    /// address for this connection.
+    pub fn admit_forwarded(&mut self, client: IpAddr) -> Result<(), Refusal> {
+        if self.ip.is_none() {
+            self.ip = Some(self.admission.take_ip_slot(client)?);
+        }
+        Ok(())
+    }
 }
 
 impl Admission {
@@ -75,22 +86,17 @@ impl Admission {
 
     /// Admits a new TCP connection from `peer`. Connections from a trusted
     /// proxy count against the global cap only: their per-IP slot is taken
-    /// at the upgrade, for the forwarded address.
+    /// at the upgrade, for the forwarded address ([`Ticket::admit_forwarded`]).
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Ticket, Refusal> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max_open {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::ServerFull);
         }
-        let mut ticket = Ticket { admission: self.clone(), global: true, ip: None };
+        let mut ticket = Ticket { admission: self.clone(), ip: None };
         if !self.is_trusted_proxy(peer) {
             ticket.ip = Some(self.take_ip_slot(peer)?);
         }
         Ok(ticket)
-    }
-
-    /// Takes a per-IP slot for a client behind a trusted proxy.
-    pub fn admit_forwarded(self: &Arc<Self>, client: IpAddr) -> Result<Ticket, Refusal> {
-        Ok(Ticket { admission: self.clone(), global: false, ip: Some(self.take_ip_slot(client)?) })
     }
 
     fn take_ip_slot(&self, ip: IpAddr) -> Result<IpAddr, Refusal> {
@@ -142,9 +148,7 @@ impl Admission {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if self.global {
-            self.admission.open.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.admission.open.fetch_sub(1, Ordering::AcqRel);
         if let Some(ip) = self.ip {
             let mut per_ip = lock(&self.admission.per_ip);
             if let Some(count) = per_ip.get_mut(&ip) {

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use serde::ser::{Serialize, SerializeSeq, Serializer};
 use tokio::task::AbortHandle;
@@ -103,8 +103,9 @@ pub struct Client {
     last_rx: AtomicU64,
     /// Hub clock (ms) of the last ping sent.
     last_ping: AtomicU64,
-    /// Lets the sweeper end a connection whose close handshake overran.
-    task: OnceLock<AbortHandle>,
+    /// The task serving this client (the upgrade's, then the connection's),
+    /// so the sweeper can end a connection whose close handshake overran.
+    task: Mutex<Option<AbortHandle>>,
 }
 
 impl Client {
@@ -124,7 +125,7 @@ impl Client {
             connected_at: now,
             last_rx: AtomicU64::new(0),
             last_ping: AtomicU64::new(0),
-            task: OnceLock::new(),
+            task: Mutex::new(None),
         }
     }
 
@@ -163,14 +164,21 @@ impl Client {
         self.last_ping.store(now, Ordering::Relaxed);
     }
 
-    /// Remembers the task serving this client, so it can be aborted.
+    /// Remembers the task now serving this client, so it can be aborted.
     pub fn set_task(&self, handle: AbortHandle) {
-        let _ = self.task.set(handle);
+        *lock(&self.task) = Some(handle);
+    }
+
+    /// Like [`set_task`](Self::set_task), unless a task is already known:
+    /// the upgrade task may hand over to the connection task before its
+    /// spawner gets to record it.
+    pub fn set_task_if_unset(&self, handle: AbortHandle) {
+        lock(&self.task).get_or_insert(handle);
     }
 
     /// Ends the client's task at once (no close handshake).
     pub fn abort(&self) {
-        if let Some(task) = self.task.get() {
+        if let Some(task) = lock(&self.task).as_ref() {
             task.abort();
         }
     }

@@ -16,15 +16,16 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::Future;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::admission::Ticket;
@@ -46,20 +47,21 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
 }
 
-/// Serves one connection from the `101` answer until it closes. The client
-/// was counted by [`Hub::new_client`]; it is removed from the hub when this
-/// future ends or is aborted.
+/// Completes one upgrade: waits for hyper to hand the socket back, welcomes
+/// the client, and spawns the [`Connection`] task that serves it. The client
+/// was counted by [`Hub::new_client`]; if the upgrade fails (or this task is
+/// aborted), it is removed from the hub here.
 ///
-/// `tickets` hold the connection's admission slots until it ends.
-pub async fn serve(
+/// The long-lived task's future is the `Connection` alone, so an idle
+/// connection costs no more than that struct (see `docs/design.md`).
+pub async fn upgrade(
     hub: Arc<Hub>,
     client: Arc<Client>,
     on_upgrade: OnUpgrade,
     requested_nick: Option<String>,
-    tickets: [Option<Ticket>; 2],
+    ticket: Option<Ticket>,
 ) {
-    let _tickets = tickets;
-    let mut disconnect = Disconnect { hub: &hub, client: &client, registered: false };
+    let mut pending = Pending { hub: &hub, client: &client, armed: true };
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
@@ -72,13 +74,11 @@ pub async fn serve(
         return;
     };
     hub.register(&client, requested_nick.as_deref());
-    disconnect.registered = true;
-    drop(requested_nick);
     tracing::debug!(conn = client.id, addr = %client.addr, "connected");
 
     let limits = &hub.config().limits;
     let mut conn = Connection {
-        session: Session { hub: &hub, client: &client },
+        session: Session { hub: hub.clone(), client: client.clone() },
         stream: parts.io.into_inner(),
         reader: MessageReader::new(limits.max_frame_bytes, limits.max_message_bytes),
         batch: VecDeque::new(),
@@ -86,20 +86,35 @@ pub async fn serve(
         paused: false,
         close_taken: false,
         close_written: false,
-        pause_at: (limits.outbound_queue / 2).max(1),
+        lingering: false,
+        pause_at: u32::try_from(limits.outbound_queue / 2).unwrap_or(u32::MAX).max(1),
+        _ticket: ticket,
     };
     if !parts.read_buf.is_empty() {
         // Bytes the client sent right behind its upgrade request.
-        conn.session.client.touch(hub.now());
+        client.touch(hub.now());
         let mut early = parts.read_buf.to_vec();
         conn.feed(&mut early);
     }
-    let end = poll_fn(|cx| conn.poll(cx)).await;
-    if end == ReadEnd::Failed {
-        // After failing the connection, close our side and drain what the
-        // client still sends, so it reads our Close frame instead of a reset.
-        let _ = conn.stream.shutdown().await;
-        drain(&conn.stream).await;
+    // From here the Connection removes the client from the hub when it ends.
+    pending.armed = false;
+    let task = tokio::spawn(conn);
+    client.set_task(task.abort_handle());
+}
+
+/// Removes a client whose upgrade did not complete.
+struct Pending<'a> {
+    hub: &'a Hub,
+    client: &'a Arc<Client>,
+    /// Cleared once the client is handed to its [`Connection`].
+    armed: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.hub.disconnect(self.client);
+        }
     }
 }
 
@@ -114,10 +129,11 @@ enum ReadEnd {
     Failed,
 }
 
-/// The state of one connection's task.
-struct Connection<'a> {
+/// One upgraded connection: the future of its task. Dropping it (when it
+/// completes, or when the task is aborted) removes the client from the hub.
+pub struct Connection {
     /// What the reader needs to act on events.
-    session: Session<'a>,
+    session: Session,
     /// The socket.
     stream: TcpStream,
     /// Frame parsing state.
@@ -132,13 +148,41 @@ struct Connection<'a> {
     close_taken: bool,
     /// The Close frame has been written.
     close_written: bool,
+    /// After failing the connection: our side is shut, the client's input
+    /// is drained until it closes, so it reads our Close frame, not a reset.
+    lingering: bool,
     /// Outbox length at which the reader pauses.
-    pause_at: usize,
+    pause_at: u32,
+    /// The connection's admission slots, freed when it ends.
+    _ticket: Option<Ticket>,
 }
 
-impl Connection<'_> {
-    /// Drives both halves; ready when the connection is over.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ReadEnd> {
+impl Future for Connection {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let conn = self.get_mut();
+        if !conn.lingering {
+            match ready!(conn.poll_chat(cx)) {
+                ReadEnd::Failed => conn.lingering = true,
+                ReadEnd::Gone | ReadEnd::ClientClosed => return Poll::Ready(()),
+            }
+        }
+        conn.poll_linger(cx)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let Session { hub, client } = &self.session;
+        hub.disconnect(client);
+        hub.record_close(client);
+    }
+}
+
+impl Connection {
+    /// Drives both halves; ready when the close handshake is over.
+    fn poll_chat(&mut self, cx: &mut Context<'_>) -> Poll<ReadEnd> {
         loop {
             if let Err(e) = ready!(self.poll_write(cx)) {
                 tracing::debug!(conn = self.session.client.id, error = %e, "write failed");
@@ -151,20 +195,40 @@ impl Connection<'_> {
                 (Some(_), false) => return Poll::Pending,
                 (None, _) => {}
             }
-            let below_backlog = self.session.client.outbox.len() < self.pause_at;
+            let below_backlog = self.session.client.outbox.len() < self.pause_at as usize;
             if self.paused {
                 if !below_backlog {
                     // The writer is blocked on the socket; it will wake us.
                     return Poll::Pending;
                 }
                 self.paused = false;
-                let (session, pause_at) = (&self.session, self.pause_at);
+                let (session, pause_at) = (&self.session, self.pause_at as usize);
                 let result = self.reader.resume(|event| session.on_event(event, pause_at));
                 self.after_feed(result);
                 continue;
             }
             if !ready!(self.poll_read(cx)) {
                 return Poll::Pending;
+            }
+        }
+    }
+
+    /// Shuts our side and discards input until the client closes its side.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if Pin::new(&mut self.stream).poll_shutdown(cx).is_pending() {
+            return Poll::Pending;
+        }
+        loop {
+            if ready!(self.stream.poll_read_ready(cx)).is_err() {
+                return Poll::Ready(());
+            }
+            let done = SCRATCH.with_borrow_mut(|buf| match self.stream.try_read(buf) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+            });
+            if done {
+                return Poll::Ready(());
             }
         }
     }
@@ -188,6 +252,9 @@ impl Connection<'_> {
                 self.close_written = true;
                 return Poll::Ready(Ok(()));
             }
+            // Give the emptied buffer back to the allocator rather than to
+            // the outbox: an idle connection then holds no queue memory.
+            self.batch = VecDeque::new();
             match self.session.client.outbox.poll_next(cx, &mut self.batch) {
                 Poll::Ready(Next::Frames) => {}
                 Poll::Ready(Next::Closing) => self.close_taken = true,
@@ -221,8 +288,7 @@ impl Connection<'_> {
     }
 
     fn feed(&mut self, data: &mut [u8]) {
-        let pause_at = self.pause_at;
-        let session = &self.session;
+        let (session, pause_at) = (&self.session, self.pause_at as usize);
         let result = self.reader.feed(data, |event| session.on_event(event, pause_at));
         self.after_feed(result);
     }
@@ -233,7 +299,7 @@ impl Connection<'_> {
             Ok(Flow::Pause) => self.paused = true,
             Ok(Flow::Stop) => self.read_end = Some(ReadEnd::ClientClosed),
             Err(violation) => {
-                let client = self.session.client;
+                let client = &self.session.client;
                 tracing::debug!(conn = client.id, code = violation.code, reason = %violation.reason, "protocol violation");
                 client.outbox.close(
                     violation.code,
@@ -273,45 +339,13 @@ fn advance(batch: &mut VecDeque<Bytes>, mut written: usize) -> u64 {
     completed
 }
 
-/// Reads and discards until the peer closes its side.
-async fn drain(stream: &TcpStream) {
-    while stream.readable().await.is_ok() {
-        let done = SCRATCH.with_borrow_mut(|buf| match stream.try_read(buf) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-        });
-        if done {
-            return;
-        }
-    }
-}
-
-/// Removes the client from the hub when the connection task ends, including
-/// when it is aborted.
-struct Disconnect<'a> {
-    hub: &'a Hub,
-    client: &'a Arc<Client>,
-    /// The upgrade completed and the client was welcomed.
-    registered: bool,
-}
-
-impl Drop for Disconnect<'_> {
-    fn drop(&mut self) {
-        self.hub.disconnect(self.client);
-        if self.registered {
-            self.hub.record_close(self.client);
-        }
-    }
-}
-
 /// What the reader needs to act on events.
-struct Session<'a> {
-    hub: &'a Hub,
-    client: &'a Arc<Client>,
+struct Session {
+    hub: Arc<Hub>,
+    client: Arc<Client>,
 }
 
-impl Session<'_> {
+impl Session {
     /// Acts on one event; pauses reading once the client's outbox holds
     /// `pause_at` frames.
     fn on_event(&self, event: Event<'_>, pause_at: usize) -> Flow {
@@ -354,7 +388,7 @@ impl Session<'_> {
     }
 
     fn dispatch(&self, request: Request, reference: Option<&crate::protocol::Ref>) -> Result<(), RequestError> {
-        let (hub, client) = (self.hub, self.client);
+        let (hub, client) = (&*self.hub, &self.client);
         match request {
             Request::Join { room } => hub.join(client, &room, reference),
             Request::Leave { room } => hub.leave(client, &room, reference),

@@ -140,24 +140,21 @@ fn upgrade(
     // Behind a trusted proxy, the per-address limit applies to the
     // forwarded client address, which is known only now.
     let client_ip = admission.client_addr(peer.addr, headers);
-    let forwarded_ticket = if admission.is_trusted_proxy(peer.addr.ip()) {
-        match admission.admit_forwarded(client_ip) {
-            Ok(ticket) => Some(ticket),
-            Err(refusal) => {
-                hub.metrics.refused(refusal);
-                return plain(StatusCode::TOO_MANY_REQUESTS, "too many connections from your address");
-            }
-        }
-    } else {
-        None
-    };
-    let tickets = [lock(&peer.ticket).take(), forwarded_ticket];
+    let mut ticket = lock(&peer.ticket).take();
+    if admission.is_trusted_proxy(peer.addr.ip())
+        && let Some(ticket) = &mut ticket
+        && let Err(refusal) = ticket.admit_forwarded(client_ip)
+    {
+        hub.metrics.refused(refusal);
+        *lock(&peer.ticket) = None;
+        return plain(StatusCode::TOO_MANY_REQUESTS, "too many connections from your address");
+    }
 
     let client = hub.new_client(client_ip);
     let task_client = client.clone();
     let hub = hub.clone();
-    let task = tokio::spawn(crate::connection::serve(hub, task_client, on_upgrade, query.nick, tickets));
-    client.set_task(task.abort_handle());
+    let task = tokio::spawn(crate::connection::upgrade(hub, task_client, on_upgrade, query.nick, ticket));
+    client.set_task_if_unset(task.abort_handle());
 
     let mut response = Response::default();
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
