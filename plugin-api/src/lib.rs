@@ -1,6 +1,396 @@
-//! `wardroom-plugin-api`: the contract between Wardroom and the filter
-//! plugins that extend it. Plugin crates depend on this crate alone.
+//! `wardroom-plugin-api`: the contract between Wardroom and the filters that
+//! decide what may happen in a chat. Plugin crates depend on this crate alone.
 //!
-//! The filter contract (`Filter`, `Verdict`, `FilterFactory`, `Registry`)
-//! arrives with the policy pipeline; until then this crate is empty.
+//! A [`Filter`] looks at a connection, a join or a message and returns a
+//! [`Verdict`]; it never acts itself. The server acts on the verdict: it
+//! refuses the connection, drops the message with an error to its sender,
+//! holds it for review, or escalates against the sender. Filters are built by
+//! a [`FilterFactory`] from the options of a `[[filters]]` entry in
+//! `config.toml`, and factories are found by their `kind` in a [`Registry`].
+//!
+//! ```
+//! use wardroom_plugin_api::{Context, Filter, FilterFactory, BuildContext, BuildError, Message, Options, Registry, Verdict};
+//!
+//! /// Rejects messages that shout (all capitals).
+//! struct NoShouting { min_letters: usize }
+//!
+//! impl Filter for NoShouting {
+//!     fn on_message(&self, message: &mut Message, _ctx: &Context<'_>) -> Verdict {
+//!         let letters: Vec<char> = message.content.chars().filter(|c| c.is_alphabetic()).collect();
+//!         if letters.len() >= self.min_letters && letters.iter().all(|c| c.is_uppercase()) {
+//!             Verdict::reject("shouting", "please don't shout")
+//!         } else {
+//!             Verdict::Allow
+//!         }
+//!     }
+//! }
+//!
+//! struct NoShoutingFactory;
+//!
+//! impl FilterFactory for NoShoutingFactory {
+//!     fn kind(&self) -> &str { "no_shouting" }
+//!     fn build(&self, options: &Options, _ctx: &mut BuildContext) -> Result<Box<dyn Filter>, BuildError> {
+//!         #[derive(serde::Deserialize)]
+//!         #[serde(deny_unknown_fields)]
+//!         struct Config { #[serde(default = "five")] min_letters: usize }
+//!         fn five() -> usize { 5 }
+//!         let config: Config = options.parse()?;
+//!         Ok(Box::new(NoShouting { min_letters: config.min_letters }))
+//!     }
+//! }
+//!
+//! /// What a plugin crate exports: one function registering its factories.
+//! pub fn register(registry: &mut Registry) {
+//!     registry.register(NoShoutingFactory);
+//! }
+//! # let mut registry = Registry::new();
+//! # register(&mut registry);
+//! # assert!(registry.get("no_shouting").is_some());
+//! ```
 #![warn(missing_docs)]
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::de::DeserializeOwned;
+
+/// A filter: hooks called for connections, joins and messages. Every hook
+/// defaults to [`Verdict::Allow`], so a filter implements only what it cares
+/// about. Hooks are synchronous and must be cheap: they run on the path of
+/// every message. Filters keep their own state with interior mutability.
+pub trait Filter: Send + Sync + 'static {
+    /// A client asks to connect (before the WebSocket upgrade). A rejection
+    /// refuses the upgrade with an HTTP error: 429 for the code
+    /// `rate_limited`, 403 otherwise.
+    fn on_connect(&self, connection: &Connection<'_>) -> Verdict {
+        let _ = connection;
+        Verdict::Allow
+    }
+
+    /// A connection that [`on_connect`](Filter::on_connect) allowed has ended.
+    fn on_disconnect(&self, connection: &Connection<'_>) {
+        let _ = connection;
+    }
+
+    /// A user asks to join `room`.
+    fn on_join(&self, room: &str, ctx: &Context<'_>) -> Verdict {
+        let _ = (room, ctx);
+        Verdict::Allow
+    }
+
+    /// A user sends a message. The filter may edit it in place and return
+    /// [`Verdict::Modified`].
+    fn on_message(&self, message: &mut Message, ctx: &Context<'_>) -> Verdict {
+        let _ = (message, ctx);
+        Verdict::Allow
+    }
+
+    /// Called every few seconds: prune state that is no longer needed, so
+    /// that a flood of distinct users or addresses cannot grow it forever.
+    fn housekeeping(&self) {}
+}
+
+/// What a filter decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Verdict {
+    /// Let it through.
+    Allow,
+    /// Let it through as edited by the filter (for example with words masked).
+    Modified,
+    /// Refuse it; only the sender is told, with `code` and `reason`.
+    Reject {
+        /// Stable, machine-readable code, e.g. `rate_limited`.
+        code: String,
+        /// A sentence for the sender.
+        reason: String,
+        /// When trying again may succeed.
+        retry_after: Option<Duration>,
+    },
+    /// Keep the message out of the room until a moderator approves it.
+    Hold {
+        /// Why, for the moderators and the sender.
+        reason: String,
+    },
+    /// Deliver, and tell the moderators.
+    Flag {
+        /// Why, for the moderators.
+        reason: String,
+    },
+    /// Refuse it and act against the sender.
+    Escalate {
+        /// What to do.
+        action: Escalation,
+        /// Why, for the sender, the moderators and the audit log.
+        reason: String,
+    },
+}
+
+impl Verdict {
+    /// A rejection with no retry hint.
+    pub fn reject(code: impl Into<String>, reason: impl Into<String>) -> Self {
+        Verdict::Reject { code: code.into(), reason: reason.into(), retry_after: None }
+    }
+
+    /// A rejection that may succeed after `retry_after`.
+    pub fn reject_for(code: impl Into<String>, reason: impl Into<String>, retry_after: Duration) -> Self {
+        Verdict::Reject { code: code.into(), reason: reason.into(), retry_after: Some(retry_after) }
+    }
+
+    /// Whether the verdict lets the message (or connection, or join) through.
+    pub fn lets_through(&self) -> bool {
+        matches!(self, Verdict::Allow | Verdict::Modified | Verdict::Flag { .. })
+    }
+
+    /// A short name for logs and metrics: `allow`, `modified`, `reject`, …
+    pub fn name(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Modified => "modified",
+            Verdict::Reject { .. } => "reject",
+            Verdict::Hold { .. } => "hold",
+            Verdict::Flag { .. } => "flag",
+            Verdict::Escalate { .. } => "escalate",
+        }
+    }
+}
+
+/// An action against a user, asked for by [`Verdict::Escalate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Escalation {
+    /// A warning to the user.
+    Warn,
+    /// The user may not send messages for this long.
+    Mute(Duration),
+    /// The user is disconnected.
+    Kick,
+    /// The user is disconnected and kept out for this long (`None`: for good).
+    Ban(Option<Duration>),
+}
+
+/// A message on its way to a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The text; filters may edit it.
+    pub content: String,
+}
+
+/// Who is acting, where and when.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// Stable user id (`guest:<session>` for guests).
+    pub user_id: &'a str,
+    /// The user's nickname.
+    pub nick: &'a str,
+    /// The user's roles, e.g. `["member", "moderator"]`.
+    pub roles: &'a [&'a str],
+    /// The user's address.
+    pub addr: IpAddr,
+    /// The room concerned.
+    pub room: &'a str,
+    /// The server's time.
+    pub now: SystemTime,
+}
+
+impl Context<'_> {
+    /// Whether the user has `role`.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+/// A connection asking to be accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection<'a> {
+    /// The client's address (behind a trusted proxy: the forwarded one).
+    pub addr: IpAddr,
+    /// The `Origin` header, if the client sent one.
+    pub origin: Option<&'a str>,
+    /// The user id, if the client authenticated while connecting.
+    pub user_id: Option<&'a str>,
+}
+
+/// The options of one `[[filters]]` entry: every key of the entry except the
+/// ones the server reads itself (`kind`, `id`, `enabled`, `enforce`, `rooms`,
+/// `exempt_roles`), as JSON-like values.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Options(serde_json::Map<String, serde_json::Value>);
+
+impl Options {
+    /// Options from a map of keys to values.
+    pub fn new(map: serde_json::Map<String, serde_json::Value>) -> Self {
+        Options(map)
+    }
+
+    /// Deserializes the options into the filter's own config type. Use
+    /// `#[serde(deny_unknown_fields)]` on it so that typos are reported.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, BuildError> {
+        serde_json::from_value(serde_json::Value::Object(self.0.clone())).map_err(|e| BuildError::new(e.to_string()))
+    }
+
+    /// The raw value of one option.
+    pub fn get(&self, key: &str) -> Option<&serde_json::Value> {
+        self.0.get(key)
+    }
+}
+
+/// Why a filter could not be built from its options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildError {
+    /// The option at fault (a key of the entry, e.g. `rules`), if known.
+    pub option: Option<String>,
+    /// What is wrong, and how to fix it.
+    pub message: String,
+}
+
+impl BuildError {
+    /// An error about the options as a whole.
+    pub fn new(message: impl Into<String>) -> Self {
+        BuildError { option: None, message: message.into() }
+    }
+
+    /// An error about one option.
+    pub fn option(option: impl Into<String>, message: impl Into<String>) -> Self {
+        BuildError { option: Some(option.into()), message: message.into() }
+    }
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.option {
+            Some(option) => write!(f, "option `{option}`: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+/// State that survives a reload, kept by the server for each filter entry
+/// (by its `id`) and handed to the factory when the entry is rebuilt, so
+/// that editing the config never resets a rate limit or a counter.
+#[derive(Default)]
+pub struct BuildContext {
+    previous: HashMap<String, Arc<dyn Any + Send + Sync>>,
+    kept: HashMap<String, Arc<dyn Any + Send + Sync>>,
+}
+
+impl fmt::Debug for BuildContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BuildContext").field("previous", &self.previous.len()).field("kept", &self.kept.len()).finish()
+    }
+}
+
+impl BuildContext {
+    /// A context holding the state the previous build kept.
+    pub fn new(previous: HashMap<String, Arc<dyn Any + Send + Sync>>) -> Self {
+        BuildContext { previous, kept: HashMap::new() }
+    }
+
+    /// The state stored under `key` by the previous build of this filter
+    /// entry if it has type `T` and `reuse` accepts it, or a new one from
+    /// `init`. Either way it is kept for the next build.
+    pub fn state<T: Any + Send + Sync>(
+        &mut self,
+        key: &str,
+        reuse: impl FnOnce(&T) -> bool,
+        init: impl FnOnce() -> T,
+    ) -> Arc<T> {
+        let state = self
+            .previous
+            .get(key)
+            .and_then(|any| any.clone().downcast::<T>().ok())
+            .filter(|state| reuse(state))
+            .unwrap_or_else(|| Arc::new(init()));
+        self.kept.insert(key.to_owned(), state.clone());
+        state
+    }
+
+    /// The state to hand to the next build.
+    pub fn into_kept(self) -> HashMap<String, Arc<dyn Any + Send + Sync>> {
+        self.kept
+    }
+}
+
+/// Builds filters of one kind.
+pub trait FilterFactory: Send + Sync + 'static {
+    /// The name `[[filters]]` entries use in `kind = "…"`.
+    fn kind(&self) -> &str;
+
+    /// Builds a filter from an entry's options. Validate everything here:
+    /// the server refuses a config (at start-up or on reload) whose filters
+    /// do not build, and keeps the old policies running.
+    fn build(&self, options: &Options, ctx: &mut BuildContext) -> Result<Box<dyn Filter>, BuildError>;
+}
+
+/// The filter kinds known to the server: built-ins and plugins.
+#[derive(Default)]
+pub struct Registry {
+    factories: BTreeMap<String, Box<dyn FilterFactory>>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.factories.keys()).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry::default()
+    }
+
+    /// Adds a factory; a later factory of the same kind replaces an earlier
+    /// one, so an application can override a built-in.
+    pub fn register(&mut self, factory: impl FilterFactory) {
+        self.factories.insert(factory.kind().to_owned(), Box::new(factory));
+    }
+
+    /// The factory for `kind`.
+    pub fn get(&self, kind: &str) -> Option<&dyn FilterFactory> {
+        self.factories.get(kind).map(|f| &**f)
+    }
+
+    /// Every registered kind, sorted.
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.factories.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_survives_a_rebuild_when_reusable() {
+        let mut first = BuildContext::default();
+        let counter = first.state("count", |_: &u32| true, || 7u32);
+        let mut second = BuildContext::new(first.into_kept());
+        let again = second.state("count", |_: &u32| true, || 0u32);
+        assert!(Arc::ptr_eq(&counter, &again));
+        let mut third = BuildContext::new(second.into_kept());
+        let fresh = third.state("count", |n: &u32| *n != 7, || 1u32);
+        assert_eq!(*fresh, 1, "a state the filter refuses to reuse is replaced");
+    }
+
+    #[test]
+    fn options_parse_into_typed_config() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        struct Config {
+            words: Vec<String>,
+        }
+        let mut map = serde_json::Map::new();
+        map.insert("words".into(), serde_json::json!(["a", "b"]));
+        assert_eq!(Options::new(map.clone()).parse::<Config>().unwrap().words, ["a", "b"]);
+        map.insert("wrods".into(), serde_json::json!([]));
+        let error = Options::new(map).parse::<Config>().unwrap_err();
+        assert!(error.message.contains("unknown field `wrods`"), "{error}");
+    }
+}

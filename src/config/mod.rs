@@ -14,6 +14,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use duration::parse as parse_duration;
 pub use load::{Problem, Problems, load_file, parse};
 
 /// The whole configuration file. Every section is optional; a missing key takes
