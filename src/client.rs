@@ -43,6 +43,18 @@ impl Roles {
     pub fn names(self) -> impl Iterator<Item = &'static str> {
         Self::NAMES.into_iter().filter(move |(r, _)| self.contains(*r)).map(|(_, n)| n)
     }
+
+    /// The role names in a fixed array, for filters' contexts without an
+    /// allocation: use `&names[..count]`.
+    pub fn name_array(self) -> ([&'static str; 3], usize) {
+        let mut names = [""; 3];
+        let mut count = 0;
+        for name in self.names() {
+            names[count] = name;
+            count += 1;
+        }
+        (names, count)
+    }
 }
 
 impl std::ops::BitOr for Roles {

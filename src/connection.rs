@@ -76,7 +76,8 @@ pub async fn upgrade(
     hub.register(&client, requested_nick.as_deref());
     tracing::debug!(conn = client.id, addr = %client.addr, "connected");
 
-    let limits = &hub.config().limits;
+    let policies = hub.policies();
+    let limits = &policies.config.limits;
     let mut conn = Connection {
         session: Session { hub: hub.clone(), client: client.clone() },
         stream: parts.io.into_inner(),
@@ -87,7 +88,7 @@ pub async fn upgrade(
         close_taken: false,
         close_written: false,
         lingering: false,
-        pause_at: u32::try_from(limits.outbound_queue / 2).unwrap_or(u32::MAX).max(1),
+        pause_at: pause_threshold(limits.outbound_queue),
         _ticket: ticket,
     };
     if !parts.read_buf.is_empty() {
@@ -288,6 +289,10 @@ impl Connection {
     }
 
     fn feed(&mut self, data: &mut [u8]) {
+        // Limits follow the running config: a reload applies to open connections.
+        let limits = &self.session.hub.policies().config.limits;
+        self.reader.set_limits(limits.max_frame_bytes, limits.max_message_bytes);
+        self.pause_at = pause_threshold(limits.outbound_queue);
         let (session, pause_at) = (&self.session, self.pause_at as usize);
         let result = self.reader.feed(data, |event| session.on_event(event, pause_at));
         self.after_feed(result);
@@ -311,6 +316,11 @@ impl Connection {
             }
         }
     }
+}
+
+/// Outbox length at which a connection's reader pauses: half the queue.
+fn pause_threshold(outbound_queue: usize) -> u32 {
+    u32::try_from(outbound_queue / 2).unwrap_or(u32::MAX).max(1)
 }
 
 /// One `writev` of the first frames of `batch`.
@@ -392,7 +402,7 @@ impl Session {
         match request {
             Request::Join { room } => hub.join(client, &room, reference),
             Request::Leave { room } => hub.leave(client, &room, reference),
-            Request::Message { room, content } => hub.post(client, &room, &content, reference),
+            Request::Message { room, content } => hub.post(client, &room, content, reference),
             Request::Nick { nick } => hub.set_nick(client, &nick, reference),
             Request::History { room, before, limit } => hub.history(client, &room, before, limit, reference),
         }

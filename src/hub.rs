@@ -14,27 +14,32 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::client::{Client, ConnId, Identity, Roles};
-use crate::config::Config;
 use crate::lock;
 use crate::metrics::{Metrics, Snapshot};
 use crate::names::{fold_nick, validate_nick, validate_room};
 use crate::outbox::{CloseReason, Pushed};
+use crate::pipeline::{Outcome, VerdictCounts};
+use crate::policy::{Policies, Reloader};
 use crate::protocol::{
     ErrorCode, Limits, PresenceEvent, Ref, RequestError, ServerFrame, encode, encode_with_list, now_ms,
 };
 use crate::ws::{CloseCode, OpCode, encode_control, payload_of};
+use arc_swap::Guard;
+use wardroom_plugin_api::{Connection, Context, Message, Verdict};
 
 /// Shared state of the chat: a cheap-to-clone handle is `Arc<Hub>`.
 #[derive(Debug)]
 pub struct Hub {
-    /// The configuration in force.
-    config: Arc<Config>,
+    /// The running policies (config and pipeline), reloadable.
+    reloader: Arc<Reloader>,
+    /// Verdict counts of the pipeline, for `/metrics`.
+    pub verdicts: VerdictCounts,
     /// Start of the hub clock used for deadlines (milliseconds).
     epoch: Instant,
     /// Rooms by name. A room exists while it has members.
@@ -88,9 +93,10 @@ fn ping_frame() -> Bytes {
 
 impl Hub {
     /// A hub with no rooms or clients.
-    pub fn new(config: Arc<Config>) -> Self {
+    pub fn new(reloader: Arc<Reloader>) -> Self {
         Self {
-            config,
+            reloader,
+            verdicts: VerdictCounts::default(),
             epoch: Instant::now(),
             rooms: Mutex::default(),
             nicks: Mutex::default(),
@@ -102,9 +108,14 @@ impl Hub {
         }
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The running policies: a snapshot, valid for as long as it is held.
+    pub fn policies(&self) -> Guard<Arc<Policies>> {
+        self.reloader.current()
+    }
+
+    /// The reloader that owns the policies.
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
     }
 
     /// Milliseconds on the hub clock (for deadlines; not wall time).
@@ -119,7 +130,8 @@ impl Hub {
 
     /// Limits announced to clients.
     fn limits(&self) -> Limits {
-        let c = &self.config;
+        let policies = self.policies();
+        let c = &policies.config;
         Limits {
             max_message_bytes: c.limits.max_message_bytes,
             max_frame_bytes: c.limits.max_frame_bytes,
@@ -133,7 +145,8 @@ impl Hub {
     /// [`Hub::register`] welcomes it once the upgrade completes.
     pub fn new_client(&self, addr: IpAddr) -> Arc<Client> {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let client = Arc::new(Client::new(id, random_u64(), addr, self.config.limits.outbound_queue, self.now()));
+        let client =
+            Arc::new(Client::new(id, random_u64(), addr, self.policies().config.limits.outbound_queue, self.now()));
         lock(&self.clients).insert(id, client.clone());
         self.live.send_modify(|n| *n += 1);
         client
@@ -177,6 +190,7 @@ impl Hub {
     pub fn disconnect(&self, client: &Arc<Client>) {
         let rooms = std::mem::take(&mut *lock(&client.rooms));
         let identity = client.identity();
+        self.policies().pipeline.on_disconnect(&Connection { addr: client.addr, origin: None, user_id: None });
         for room in rooms {
             self.remove_member(&room, client, &identity);
         }
@@ -204,6 +218,8 @@ impl Hub {
         let clients: Vec<Arc<Client>> = lock(&self.clients).values().cloned().collect();
         let depths = clients.iter().map(|c| c.outbox.len());
         Snapshot {
+            verdicts: self.verdicts.snapshot(),
+            reloads: self.reloader.counts().collect(),
             connections: clients.len(),
             tcp_connections,
             rooms: lock(&self.rooms).len(),
@@ -214,7 +230,8 @@ impl Hub {
 
     /// Claims `nick` for connection `id`, releasing `previous` if given.
     fn claim_nick(&self, id: ConnId, nick: &str, previous: Option<&str>) -> Result<(), RequestError> {
-        validate_nick(nick, &self.config.nicknames).map_err(|m| RequestError::new(ErrorCode::InvalidNick, m))?;
+        validate_nick(nick, &self.policies().config.nicknames)
+            .map_err(|m| RequestError::new(ErrorCode::InvalidNick, m))?;
         let key = fold_nick(nick);
         let mut nicks = lock(&self.nicks);
         match nicks.get(&key) {
@@ -259,7 +276,7 @@ impl Hub {
         let rooms = lock(&client.rooms).clone();
         for room in rooms {
             let state = lock(&room.state);
-            if state.members.len() <= self.config.rooms.presence_max_members {
+            if state.members.len() <= self.policies().config.rooms.presence_max_members {
                 let frame = encode(&ServerFrame::Presence {
                     room: &room.name,
                     user: new.view(),
@@ -275,7 +292,8 @@ impl Hub {
     /// Handles `join`: enters (or creates) a room and answers `joined` with
     /// the members and recent history; the other members get `presence`.
     pub fn join(&self, client: &Arc<Client>, name: &str, reference: Option<&Ref>) -> Result<(), RequestError> {
-        let rooms_config = &self.config.rooms;
+        let policies = self.policies();
+        let rooms_config = &policies.config.rooms;
         validate_room(name, rooms_config.max_name_chars).map_err(|m| RequestError::new(ErrorCode::InvalidRoom, m))?;
         let already = client.room(name);
         if already.is_none() && lock(&client.rooms).len() >= rooms_config.max_rooms_per_connection {
@@ -285,6 +303,15 @@ impl Hub {
             ));
         }
         let identity = client.identity();
+        if already.is_none() {
+            let (names, count) = identity.roles.name_array();
+            let ctx = filter_context(&identity, &names[..count], client, name);
+            let outcome = policies.pipeline.on_join(name, &ctx);
+            self.record_outcome(&outcome, client.addr, Some(name));
+            if !outcome.verdict.lets_through() {
+                return Err(refusal(outcome.verdict));
+            }
+        }
         loop {
             let room = match &already {
                 Some(room) => room.clone(),
@@ -330,10 +357,10 @@ impl Hub {
         if let Some(room) = rooms.get(name) {
             return Ok(room.clone());
         }
-        if rooms.len() >= self.config.rooms.max_rooms {
+        if rooms.len() >= self.policies().config.rooms.max_rooms {
             return Err(RequestError::new(
                 ErrorCode::RoomLimit,
-                format!("the server holds its maximum of {} rooms", self.config.rooms.max_rooms),
+                format!("the server holds its maximum of {} rooms", self.policies().config.rooms.max_rooms),
             ));
         }
         let name: Arc<str> = name.into();
@@ -343,10 +370,14 @@ impl Hub {
     }
 
     fn joined_frame(&self, room: &Room, state: &RoomState, reference: Option<&Ref>) -> Bytes {
-        let identities: Vec<Arc<Identity>> =
-            state.members.values().take(self.config.rooms.presence_max_members).map(|m| m.identity()).collect();
+        let identities: Vec<Arc<Identity>> = state
+            .members
+            .values()
+            .take(self.policies().config.rooms.presence_max_members)
+            .map(|m| m.identity())
+            .collect();
         let members: Vec<_> = identities.iter().map(|i| i.view()).collect();
-        let skip = state.history.len().saturating_sub(self.config.rooms.history_on_join);
+        let skip = state.history.len().saturating_sub(self.policies().config.rooms.history_on_join);
         encode_with_list(
             &ServerFrame::Joined { room: &room.name, member_count: state.members.len(), members: &members, reference },
             "history",
@@ -372,7 +403,7 @@ impl Hub {
             if state.members.remove(&client.id).is_none() {
                 return;
             }
-            if !state.members.is_empty() && state.members.len() < self.config.rooms.presence_max_members {
+            if !state.members.is_empty() && state.members.len() < self.policies().config.rooms.presence_max_members {
                 let frame = encode(&ServerFrame::Presence {
                     room: &room.name,
                     user: identity.view(),
@@ -400,11 +431,26 @@ impl Hub {
         &self,
         client: &Arc<Client>,
         name: &str,
-        content: &str,
+        content: String,
         reference: Option<&Ref>,
     ) -> Result<(), RequestError> {
         let room = client.room(name).ok_or_else(|| not_member(name))?;
         let identity = client.identity();
+        let policies = self.policies();
+        let mut message = Message { content };
+        let (names, count) = identity.roles.name_array();
+        let ctx = filter_context(&identity, &names[..count], client, name);
+        let outcome = policies.pipeline.on_message(&mut message, &ctx);
+        self.record_outcome(&outcome, client.addr, Some(name));
+        match outcome.verdict {
+            Verdict::Allow | Verdict::Modified => {}
+            Verdict::Hold { reason } => {
+                client.outbox.push(encode(&ServerFrame::Held { room: name, reason: &reason, reference }));
+                return Ok(());
+            }
+            other => return Err(refusal(other)),
+        }
+
         let mut state = lock(&room.state);
         let id = state.last_id + 1;
         let ts = now_ms();
@@ -413,12 +459,12 @@ impl Hub {
             id,
             from: &identity.nick,
             user: &identity.user_id,
-            content,
+            content: &message.content,
             ts,
         });
         state.last_id = id;
         state.history.push_back((id, frame.clone()));
-        while state.history.len() > self.config.rooms.history_kept {
+        while state.history.len() > policies.config.rooms.history_kept {
             state.history.pop_front();
         }
         self.fan_out(&state, &frame, None);
@@ -428,6 +474,22 @@ impl Hub {
             client.outbox.push(encode(&ServerFrame::Ack { reference, id, room: name, ts }));
         }
         Ok(())
+    }
+
+    /// Counts and logs what the pipeline decided: shadow verdicts (what
+    /// would have happened), flags, and escalations the moderation layer
+    /// does not carry out yet.
+    pub fn record_outcome(&self, outcome: &Outcome, addr: IpAddr, room: Option<&str>) {
+        self.verdicts.record(outcome);
+        for (filter, verdict) in &outcome.shadow {
+            tracing::info!(filter = %filter, verdict = verdict.name(), detail = ?verdict, %addr, room = ?room, "shadow mode: not enforced");
+        }
+        for (filter, reason) in &outcome.flags {
+            tracing::info!(filter = %filter, reason = ?reason, %addr, room = ?room, "message flagged");
+        }
+        if let (Verdict::Escalate { action, reason }, Some(filter)) = (&outcome.verdict, &outcome.decided_by) {
+            tracing::warn!(filter = %filter, ?action, reason = ?reason, %addr, "escalation not carried out: no moderation layer yet");
+        }
     }
 
     /// Pushes `frame` to every member except `skip`.
@@ -457,7 +519,7 @@ impl Hub {
         reference: Option<&Ref>,
     ) -> Result<(), RequestError> {
         let room = client.room(name).ok_or_else(|| not_member(name))?;
-        let max = self.config.rooms.history_page_max;
+        let max = self.policies().config.rooms.history_page_max;
         let limit = limit.unwrap_or(max).min(max);
         let state = lock(&room.state);
         let end = match before {
@@ -479,7 +541,8 @@ impl Hub {
     /// ping first), and the close handshake. Returns how long to wait before
     /// the next sweep.
     pub fn sweep(&self) -> Duration {
-        let t = &self.config.timeouts;
+        let policies = self.policies();
+        let t = &policies.config.timeouts;
         let now = self.now();
         let ms = |d: Duration| d.as_millis() as u64;
         let mut overdue = Vec::new();
@@ -546,6 +609,26 @@ impl Hub {
     /// Number of registered clients.
     pub fn client_count(&self) -> usize {
         *self.live.borrow()
+    }
+}
+
+/// The filters' view of a user acting in `room`.
+fn filter_context<'a>(identity: &'a Identity, roles: &'a [&'a str], client: &Client, room: &'a str) -> Context<'a> {
+    Context { user_id: &identity.user_id, nick: &identity.nick, roles, addr: client.addr, room, now: SystemTime::now() }
+}
+
+/// The error for a verdict that refuses a request.
+pub fn refusal(verdict: Verdict) -> RequestError {
+    match verdict {
+        Verdict::Reject { code, reason, retry_after } => RequestError {
+            retry_after_ms: retry_after.map(|d| d.as_millis().max(1) as u64),
+            ..RequestError::new(ErrorCode::Policy(code), reason)
+        },
+        Verdict::Escalate { reason, .. } => RequestError::new(ErrorCode::Policy("policy_violation".into()), reason),
+        Verdict::Hold { reason } => RequestError::new(ErrorCode::Policy("held".into()), reason),
+        other => {
+            RequestError::new(ErrorCode::Policy("blocked".into()), format!("refused by policy ({})", other.name()))
+        }
     }
 }
 

@@ -4,12 +4,11 @@
 //! that tests can bind port 0:
 //!
 //! ```no_run
-//! # async fn example() -> std::io::Result<()> {
-//! let config = wardroom::config::load_file("config.toml".as_ref()).map_err(std::io::Error::other)?;
-//! let listener = tokio::net::TcpListener::bind(config.server.bind).await?;
-//! wardroom::Server::new(config)
-//!     .run(listener, async { let _ = tokio::signal::ctrl_c().await; })
-//!     .await
+//! # async fn example() -> anyhow::Result<()> {
+//! let server = wardroom::Server::builder().load_file("config.toml")?;
+//! let listener = tokio::net::TcpListener::bind(server.config().server.bind).await?;
+//! server.run(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(())
 //! # }
 //! ```
 //!
@@ -17,11 +16,17 @@
 //!
 //! - [`config`]: the TOML schema, and loading it with every problem reported
 //!   at its line and column.
+//! - [`policy`]: the running config and pipeline as one snapshot, and the
+//!   one reload path (file watcher and SIGHUP).
+//! - [`pipeline`]: the `[[filters]]`, built through the plugin registry and
+//!   run in order, with shadow mode, room scopes and exempt roles.
+//! - [`filters`]: the built-in filters (origin, size, rate, profanity, slow mode).
 //! - [`server`]: the accept loop (hyper HTTP/1 with a header-read timeout),
 //!   the deadline sweeper, and shutdown.
 //! - [`admission`]: connection caps (global, per address) and the client
 //!   address behind trusted proxies.
 //! - [`metrics`]: counters and the `/metrics` text.
+//! - [`admin`]: the admin HTTP API (bearer token).
 //! - [`transport`]: the warp routes (`/ws`, `/healthz`, `/readyz`) and the
 //!   WebSocket upgrade, plus `/metrics`.
 //! - [`connection`]: one upgraded connection: reader and writer over the raw socket.
@@ -32,6 +37,7 @@
 //! - [`client`]: one connected client as the hub sees it.
 //! - [`names`]: nickname and room-name rules.
 
+pub mod admin;
 pub mod admission;
 pub mod client;
 pub mod config;
@@ -42,6 +48,7 @@ pub mod metrics;
 pub mod names;
 pub mod outbox;
 pub mod pipeline;
+pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod transport;

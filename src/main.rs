@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use wardroom::Server;
-use wardroom::config::{self, Config, LogFormat};
+use wardroom::config::{Config, LogFormat};
+use wardroom::server::{Server, ServerBuilder};
 
 /// A WebSocket chat server for moderated communities.
 #[derive(Debug, Parser)]
@@ -47,8 +47,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// The server with the built-in filters and the bundled plugins.
+fn builder() -> ServerBuilder {
+    Server::builder()
+}
+
 fn check(path: &std::path::Path) -> ExitCode {
-    match config::load_file(path) {
+    match builder().load_file(path) {
         Ok(_) => {
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
@@ -61,7 +66,8 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = config::load_file(path).map_err(|problems| anyhow::anyhow!("{problems}"))?;
+    let server = builder().load_file(path).map_err(|problems| anyhow::anyhow!("{problems}"))?;
+    let config = server.config();
     init_logging(&config);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.server.workers > 0 {
@@ -72,7 +78,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.server.bind)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.bind))?;
-        Server::new(config).run(listener, shutdown_signal()).await?;
+        server.run(listener, shutdown_signal()).await?;
         Ok(())
     })
 }

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::admission::Refusal;
 use crate::outbox::CloseReason;
+use crate::pipeline::VerdictKey;
+use crate::policy::ReloadOutcome;
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -30,6 +32,11 @@ impl Counter {
     }
 }
 
+/// Escapes a label value (backslash, quote, newline).
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 /// Counters of the server, shared by every task.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -50,8 +57,12 @@ pub struct Metrics {
 }
 
 /// Values read from the hub at scrape time.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Snapshot {
+    /// Pipeline verdicts other than allow, by filter, verdict, code and mode.
+    pub verdicts: Vec<(VerdictKey, u64)>,
+    /// Reload attempts by outcome.
+    pub reloads: Vec<(ReloadOutcome, u64)>,
     /// Open WebSocket connections.
     pub connections: usize,
     /// Open TCP connections (HTTP and WebSocket).
@@ -147,6 +158,29 @@ impl Metrics {
             "Frames written to clients (slow consumers: wardroom_connections_closed_total{reason=\"slow_consumer\"}).",
             &plain(self.frames_out.get()),
         );
+        let verdicts: Vec<_> = now
+            .verdicts
+            .iter()
+            .map(|(key, n)| {
+                let labels = format!(
+                    "{{filter=\"{}\",verdict=\"{}\",code=\"{}\",mode=\"{}\"}}",
+                    escape(&key.filter),
+                    key.verdict,
+                    escape(&key.code),
+                    if key.shadow { "shadow" } else { "enforce" }
+                );
+                (labels, *n)
+            })
+            .collect();
+        metric(
+            "wardroom_filter_verdicts_total",
+            "counter",
+            "Pipeline verdicts other than allow, by filter, verdict and code; mode=\"shadow\" counts what shadow-mode filters would have done.",
+            &verdicts,
+        );
+        let reloads: Vec<_> =
+            now.reloads.iter().map(|(outcome, n)| (format!("{{outcome=\"{}\"}}", outcome.as_str()), *n)).collect();
+        metric("wardroom_config_reloads_total", "counter", "Config reload attempts, by outcome.", &reloads);
         metric(
             "wardroom_request_errors_total",
             "counter",

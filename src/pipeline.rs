@@ -149,9 +149,16 @@ impl Pipeline {
         self.entries.iter().map(|e| &*e.id)
     }
 
-    /// Runs the connect hooks.
+    /// Runs the connect hooks. When one refuses the connection, the filters
+    /// before it that accepted it are told it ended.
     pub fn on_connect(&self, connection: &Connection<'_>) -> Outcome {
-        self.run(None, &[], |filter, _| filter.on_connect(connection))
+        let outcome = self.run(None, &[], |filter, _| filter.on_connect(connection));
+        if let (false, Some(refuser)) = (outcome.verdict.lets_through(), &outcome.decided_by) {
+            for entry in self.entries.iter().filter(|e| e.enabled).take_while(|e| e.id != *refuser) {
+                entry.filter.on_disconnect(connection);
+            }
+        }
+        outcome
     }
 
     /// Tells every filter that a connection it saw has ended.

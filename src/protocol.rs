@@ -75,8 +75,7 @@ pub enum Request {
 const CLIENT_TYPES: &str = "`join`, `leave`, `message`, `nick`, `history`";
 
 /// Stable, machine-readable error codes. `docs/protocol.md` lists each one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ErrorCode {
     /// The frame is not valid JSON, misses a field, or has a field of the wrong type.
     BadRequest,
@@ -98,6 +97,34 @@ pub enum ErrorCode {
     NickTaken,
     /// The nickname is too short, too long, or has characters that are not allowed.
     InvalidNick,
+    /// A filter of the policy pipeline refused the request; the code is the
+    /// filter's (`rate_limited`, `profanity`, `slow_mode`, …).
+    Policy(String),
+}
+
+impl ErrorCode {
+    /// The code as sent in `error` frames.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::RoomFull => "room_full",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::RoomLimit => "room_limit",
+            ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::NickTaken => "nick_taken",
+            ErrorCode::InvalidNick => "invalid_nick",
+            ErrorCode::Policy(code) => code,
+        }
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// A request that could not be carried out, answered with an `error` frame.
@@ -109,21 +136,23 @@ pub struct RequestError {
     pub message: String,
     /// The `ref` of the frame that failed, if it was readable.
     pub reference: Option<Ref>,
+    /// When trying again may succeed, in milliseconds.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl RequestError {
     /// An error with no `ref` attached yet.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), reference: None }
+        Self { code, message: message.into(), reference: None, retry_after_ms: None }
     }
 
     /// Encodes this error as an `error` frame.
     pub fn to_frame(&self) -> Bytes {
         encode(&ServerFrame::Error {
-            code: self.code,
+            code: &self.code,
             message: &self.message,
             reference: self.reference.as_ref(),
-            retry_after_ms: None,
+            retry_after_ms: self.retry_after_ms,
         })
     }
 }
@@ -299,10 +328,20 @@ pub enum ServerFrame<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Ref>,
     },
+    /// A message awaits a moderator's review before it reaches the room.
+    Held {
+        /// Room name.
+        room: &'a str,
+        /// Why it is held.
+        reason: &'a str,
+        /// Echo of the message's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Ref>,
+    },
     /// A request failed.
     Error {
         /// Stable code.
-        code: ErrorCode,
+        code: &'a ErrorCode,
         /// Human-readable explanation.
         message: &'a str,
         /// Echo of the failed frame's `ref`.
@@ -380,7 +419,7 @@ mod tests {
         assert!(e.message.starts_with("invalid JSON"), "{}", e.message);
 
         let e = parse_err(r#"{"type":"join","ref":"r1"}"#);
-        assert_eq!((e.code, e.reference.clone()), (ErrorCode::BadRequest, Some(Ref(Value::from("r1")))));
+        assert_eq!((e.code.clone(), e.reference.clone()), (ErrorCode::BadRequest, Some(Ref(Value::from("r1")))));
         assert!(e.message.contains("missing field `room`"), "{}", e.message);
 
         let e = parse_err(r#"{"type":"dance","ref":"r2"}"#);

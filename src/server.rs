@@ -17,29 +17,56 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::admission::Admission;
-use crate::config::Config;
+use std::path::PathBuf;
+
+use wardroom_plugin_api::Registry;
+
+use crate::config::{Config, Problem, Problems};
+use crate::filters;
 use crate::hub::Hub;
+use crate::pipeline::FilterStates;
+use crate::policy::{self, Policies, Reloader};
 use crate::transport::{self, Peer, UpgradeSlot};
 
 /// A configured Wardroom server, ready to run on a listener.
 ///
+/// Built with [`Server::builder`], which is where plugin crates register
+/// their filters:
+///
 /// ```no_run
-/// # async fn example() -> std::io::Result<()> {
-/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-/// let server = wardroom::Server::new(wardroom::config::Config::default());
-/// server.run(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+/// # async fn example() -> anyhow::Result<()> {
+/// # fn my_plugin_register(_: &mut wardroom_plugin_api::Registry) {}
+/// let server = wardroom::Server::builder()
+///     .register(my_plugin_register)
+///     .load_file("config.toml")?;
+/// let listener = tokio::net::TcpListener::bind(server.config().server.bind).await?;
+/// server.run(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+/// # Ok(())
 /// # }
 /// ```
 #[derive(Debug)]
 pub struct Server {
-    /// The configuration to run with.
-    config: Arc<Config>,
+    /// The running policies, and how to reload them.
+    reloader: Arc<Reloader>,
+}
+
+/// Builds a [`Server`]: registers filter kinds, then loads the config.
+#[derive(Debug)]
+pub struct ServerBuilder {
+    registry: Registry,
 }
 
 impl Server {
-    /// A server with this configuration.
-    pub fn new(config: Config) -> Self {
-        Self { config: Arc::new(config) }
+    /// A builder that knows the built-in filters.
+    pub fn builder() -> ServerBuilder {
+        let mut registry = Registry::new();
+        filters::register(&mut registry);
+        ServerBuilder { registry }
+    }
+
+    /// The configuration the server starts with.
+    pub fn config(&self) -> Config {
+        self.reloader.current().config.clone()
     }
 
     /// Serves on `listener` until `shutdown` resolves, then closes every
@@ -47,15 +74,16 @@ impl Server {
     /// shutdown grace period, and returns.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let addr = listener.local_addr()?;
-        let hub = Arc::new(Hub::new(self.config.clone()));
-        let admission = Arc::new(Admission::new(&self.config.server));
+        let config = self.config();
+        let hub = Arc::new(Hub::new(self.reloader.clone()));
+        let admission = Arc::new(Admission::new(&config.server));
         let sweeper = tokio::spawn(sweep(hub.clone()));
-        let accept =
-            tokio::spawn(accept_loop(listener, hub.clone(), admission, self.config.server.header_read_timeout));
-        tracing::info!(%addr, "listening");
+        let watcher = tokio::spawn(policy::watch(self.reloader.clone()));
+        let accept = tokio::spawn(accept_loop(listener, hub.clone(), admission, config.server.header_read_timeout));
+        tracing::info!(%addr, filters = ?hub.policies().pipeline, "listening");
 
         shutdown.await;
-        let grace = self.config.timeouts.shutdown_grace;
+        let grace = hub.policies().config.timeouts.shutdown_grace;
         tracing::info!(clients = hub.client_count(), ?grace, "shutting down");
         hub.close_all();
         if tokio::time::timeout(grace, hub.wait_empty()).await.is_err() {
@@ -64,16 +92,57 @@ impl Server {
             hub.wait_empty().await;
         }
         accept.abort();
+        watcher.abort();
         sweeper.abort();
         tracing::info!("stopped");
         Ok(())
     }
 }
 
-/// Runs the hub's deadline sweeps for as long as the server runs.
+impl ServerBuilder {
+    /// Registers filter kinds, typically a plugin crate's `register`.
+    pub fn register(mut self, plugin: impl FnOnce(&mut Registry)) -> Self {
+        plugin(&mut self.registry);
+        self
+    }
+
+    /// The registered filter kinds.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Loads and checks the config file (every problem is reported); the
+    /// running server reloads it when it changes or on SIGHUP.
+    pub fn load_file(self, path: impl Into<PathBuf>) -> Result<Server, Problems> {
+        let path = path.into();
+        let text = std::fs::read_to_string(&path).map_err(|e| Problems {
+            path: path.clone(),
+            problems: vec![Problem { line: 1, column: 1, key: None, message: format!("cannot read the file: {e}") }],
+        })?;
+        let (policies, states) = Policies::build(&text, &self.registry, &FilterStates::new())
+            .map_err(|problems| Problems { path: path.clone(), problems })?;
+        Ok(Server { reloader: Arc::new(Reloader::new(policies, states, self.registry, Some(path), text)) })
+    }
+
+    /// A server with a fixed configuration (no file to reload).
+    pub fn with_config(self, config: Config) -> Result<Server, Problems> {
+        let (policies, states) = Policies::from_config(config, &self.registry)
+            .map_err(|problems| Problems { path: PathBuf::new(), problems })?;
+        Ok(Server { reloader: Arc::new(Reloader::new(policies, states, self.registry, None, String::new())) })
+    }
+}
+
+/// Runs the hub's deadline sweeps and the filters' housekeeping for as long
+/// as the server runs.
 async fn sweep(hub: Arc<Hub>) {
+    const HOUSEKEEPING: Duration = Duration::from_secs(5);
+    let mut last_housekeeping = tokio::time::Instant::now();
     loop {
         let pause = hub.sweep();
+        if last_housekeeping.elapsed() >= HOUSEKEEPING {
+            hub.policies().pipeline.housekeeping();
+            last_housekeeping = tokio::time::Instant::now();
+        }
         tokio::time::sleep(pause).await;
     }
 }

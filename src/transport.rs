@@ -1,5 +1,5 @@
 //! HTTP routes, served by warp: `/ws` (the WebSocket upgrade), `/healthz`,
-//! `/readyz` and `/metrics`.
+//! `/readyz`, `/metrics`, and the admin API ([`crate::admin`]).
 //!
 //! warp does the routing; the upgrade itself is finished here (see
 //! `docs/design.md`): the handshake is answered with `101`, and once hyper
@@ -16,10 +16,12 @@ use serde::Deserialize;
 use warp::Filter;
 use warp::reply::Response;
 
+use crate::admin;
 use crate::admission::{Admission, Ticket};
-use crate::hub::Hub;
+use crate::hub::{self, Hub};
 use crate::lock;
 use crate::ws::handshake::{self, HandshakeError};
+use wardroom_plugin_api::Connection;
 
 /// The pending upgrade of a request, put in its extensions by the accept
 /// loop (warp's own filters take only `Clone` extensions).
@@ -60,6 +62,7 @@ pub fn routes(
     hub: Arc<Hub>,
     admission: Arc<Admission>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let admin_hub = hub.clone();
     let metrics_hub = hub.clone();
     let metrics_admission = admission.clone();
     let metrics = warp::path("metrics").and(warp::path::end()).map(move || {
@@ -95,9 +98,20 @@ pub fn routes(
 
     warp::get()
         .and(healthz.or(readyz).unify().or(metrics).unify().or(ws).unify())
+        .or(admin::routes(admin_hub))
+        .unify()
         .recover(|rejection: warp::Rejection| async move {
-            let status = if rejection.is_not_found() { StatusCode::NOT_FOUND } else { StatusCode::BAD_REQUEST };
-            Ok::<_, Infallible>(plain(status, status.canonical_reason().unwrap_or("error")))
+            if rejection.find::<admin::Unauthorized>().is_some() {
+                return Ok::<_, Infallible>(admin::unauthorized());
+            }
+            let status = if rejection.is_not_found() {
+                StatusCode::NOT_FOUND
+            } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+                StatusCode::METHOD_NOT_ALLOWED
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            Ok(plain(status, status.canonical_reason().unwrap_or("error")))
         })
         .unify()
 }
@@ -148,6 +162,19 @@ fn upgrade(
         hub.metrics.refused(refusal);
         *lock(&peer.ticket) = None;
         return plain(StatusCode::TOO_MANY_REQUESTS, "too many connections from your address");
+    }
+
+    let origin = headers.get(http::header::ORIGIN).and_then(|v| v.to_str().ok());
+    let outcome = hub.policies().pipeline.on_connect(&Connection { addr: client_ip, origin, user_id: None });
+    hub.record_outcome(&outcome, client_ip, None);
+    if !outcome.verdict.lets_through() {
+        let error = hub::refusal(outcome.verdict);
+        tracing::debug!(addr = %client_ip, origin = ?origin, code = error.code.as_str(), "connection refused by policy");
+        let status =
+            if error.code.as_str() == "rate_limited" { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::FORBIDDEN };
+        let mut response = Response::new(error.message.into());
+        *response.status_mut() = status;
+        return response;
     }
 
     let client = hub.new_client(client_ip);

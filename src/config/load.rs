@@ -70,6 +70,18 @@ pub fn load_file(path: &Path) -> Result<Config, Problems> {
 
 /// Loads a config from TOML text, returning every problem found.
 pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    parse_then(text, |_| Ok(())).map(|(config, ())| config)
+}
+
+/// Loads a config from TOML text, then runs `build` on it (for what only
+/// building can check, such as filter options). `build` reports problems as
+/// `(dotted path, message)`, e.g. `("filters[2].rules[0].regex", …)`; each is
+/// placed at the line and column of that key (or of its nearest enclosing
+/// key present in the file). Every problem found is returned.
+pub fn parse_then<T>(
+    text: &str,
+    build: impl FnOnce(&Config) -> Result<T, Vec<(String, String)>>,
+) -> Result<(Config, T), Vec<Problem>> {
     let (mut doc, syntax_errors) = DeTable::parse_recoverable(text);
     if !syntax_errors.is_empty() {
         let mut problems: Vec<Problem> = syntax_errors
@@ -98,15 +110,30 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         }
     };
 
-    if let Some(config) = &config {
-        for (key, message) in config.semantic_problems() {
-            let start = key_span(doc.get_ref(), key).map_or(0, |s| s.start);
-            problems.push(Problem::at(text, start, Some(key.to_owned()), &message));
+    let mut place = |key: &str, message: &str| {
+        let start = key_span(doc.get_ref(), key).map_or(0, |s| s.start);
+        problems.push(Problem::at(text, start, Some(key.to_owned()), message));
+    };
+    let built = match &config {
+        Some(config) => {
+            for (key, message) in config.semantic_problems() {
+                place(key, &message);
+            }
+            match build(config) {
+                Ok(built) => Some(built),
+                Err(build_problems) => {
+                    for (key, message) in build_problems {
+                        place(&key, &message);
+                    }
+                    None
+                }
+            }
         }
-    }
+        None => None,
+    };
     problems.sort_by_key(|p| (p.line, p.column));
-    match config {
-        Some(config) if problems.is_empty() => Ok(config),
+    match (config, built) {
+        (Some(config), Some(built)) if problems.is_empty() => Ok((config, built)),
         _ => Err(problems),
     }
 }
@@ -157,17 +184,38 @@ fn remove_entry_at(table: &mut DeTable<'_>, span: &Range<usize>) -> Option<Strin
     Some(name)
 }
 
-/// The span of the key at a dotted path, or of its nearest enclosing table
-/// present in the file.
-fn key_span(table: &DeTable<'_>, dotted: &str) -> Option<Range<usize>> {
-    let (first, rest) = match dotted.split_once('.') {
-        Some((first, rest)) => (first, Some(rest)),
-        None => (dotted, None),
+/// The span of the key at a dotted path such as `filters[2].rules[0].regex`,
+/// or of its nearest enclosing key present in the file.
+fn key_span(table: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
+    let (head, rest) = split_path(path);
+    let (name, index) = match head.split_once('[') {
+        Some((name, index)) => (name, index.trim_end_matches(']').parse::<usize>().ok()),
+        None => (head, None),
     };
-    let (key, value): (&Spanned<_>, &Spanned<DeValue<'_>>) = table.get_key_value(first)?;
+    let (key, mut value): (&Spanned<_>, &Spanned<DeValue<'_>>) = table.get_key_value(name)?;
+    if let Some(index) = index {
+        match value.get_ref() {
+            DeValue::Array(items) => match items.get(index) {
+                Some(item) => value = item,
+                None => return Some(key.span()),
+            },
+            _ => return Some(key.span()),
+        }
+    }
+    // For an element of an array of tables, its own span (its `[[…]]`
+    // header) is a better fallback than the array's first key.
+    let fallback = if index.is_some() { value.span() } else { key.span() };
     match (rest, value.get_ref()) {
-        (Some(rest), DeValue::Table(inner)) => key_span(inner, rest).or(Some(key.span())),
-        _ => Some(key.span()),
+        (Some(rest), DeValue::Table(inner)) => key_span(inner, rest).or(Some(fallback)),
+        _ => Some(fallback),
+    }
+}
+
+/// Splits `a[1].b.c` into `a[1]` and `b.c`.
+fn split_path(path: &str) -> (&str, Option<&str>) {
+    match path.split_once('.') {
+        Some((head, rest)) => (head, Some(rest)),
+        None => (path, None),
     }
 }
 
@@ -203,6 +251,17 @@ mod tests {
         let problems = parse("a = \"unterminated\nb = 1\nc = ]\n").expect_err("two syntax errors");
         let lines: Vec<_> = problems.iter().map(|p| p.line).collect();
         assert_eq!(lines, [1, 3], "{problems:#?}");
+    }
+
+    #[test]
+    fn build_problems_point_into_arrays_of_tables() {
+        let text = "[[filters]]\nkind = \"a\"\n\n[[filters]]\nkind = \"b\"\nrules = [1]\n";
+        let problems = parse_then(text, |_| Err::<(), _>(vec![("filters[1].rules".to_owned(), "bad".to_owned())]))
+            .expect_err("the build fails");
+        assert_eq!((problems[0].line, problems[0].column), (6, 1), "{problems:#?}");
+        let problems = parse_then(text, |_| Err::<(), _>(vec![("filters[1].missing".to_owned(), "x".to_owned())]))
+            .expect_err("the build fails");
+        assert_eq!(problems[0].line, 4, "falls back to the entry: {problems:#?}");
     }
 
     #[test]

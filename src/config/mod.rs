@@ -14,8 +14,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::pipeline::FilterEntry;
+
 pub use duration::parse as parse_duration;
-pub use load::{Problem, Problems, load_file, parse};
+pub use load::{Problem, Problems, load_file, parse, parse_then};
 
 /// The whole configuration file. Every section is optional; a missing key takes
 /// the default documented in `docs/configuration.md`.
@@ -34,6 +36,35 @@ pub struct Config {
     pub nicknames: NicknamesConfig,
     /// Log output.
     pub log: LogConfig,
+    /// The admin HTTP API.
+    pub admin: AdminConfig,
+    /// How config changes are picked up.
+    pub reload: ReloadConfig,
+    /// The policy pipeline, in run order.
+    pub filters: Vec<FilterEntry>,
+}
+
+/// `[reload]`: how a running server picks up config changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Reload when the file changes; when false, only on SIGHUP or
+    /// `POST /admin/reload`. Changing it needs a restart.
+    pub watch: bool,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self { watch: true }
+    }
+}
+
+/// `[admin]`: the admin HTTP API under `/admin/`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token for `/admin/` requests; the admin API is off when empty.
+    pub token: String,
 }
 
 /// `[server]`: the listening socket and who may connect to it.

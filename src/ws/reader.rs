@@ -63,12 +63,15 @@ pub struct MessageReader {
 impl MessageReader {
     /// A reader enforcing these limits (both in bytes, capped at 4 GiB).
     pub fn new(max_frame: usize, max_message: usize) -> Self {
-        Self {
-            partial: Vec::new(),
-            fragments: None,
-            max_frame: u32::try_from(max_frame).unwrap_or(u32::MAX),
-            max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
-        }
+        let mut reader = Self { partial: Vec::new(), fragments: None, max_frame: 0, max_message: 0 };
+        reader.set_limits(max_frame, max_message);
+        reader
+    }
+
+    /// Changes the limits for the frames that follow.
+    pub fn set_limits(&mut self, max_frame: usize, max_message: usize) {
+        self.max_frame = u32::try_from(max_frame).unwrap_or(u32::MAX);
+        self.max_message = u32::try_from(max_message).unwrap_or(u32::MAX);
     }
 
     /// Feeds bytes read from the socket (the buffer is used as scratch space

@@ -44,10 +44,22 @@ impl TestServer {
 
     /// A server with this configuration.
     pub async fn with_config(config: Config) -> Self {
+        let server = Server::builder().with_config(config).unwrap_or_else(|problems| panic!("{problems}"));
+        Self::run(server).await
+    }
+
+    /// A server running the config file at `path` (reloaded when it changes).
+    pub async fn with_file(path: &std::path::Path) -> Self {
+        let server = Server::builder().load_file(path).unwrap_or_else(|problems| panic!("{problems}"));
+        Self::run(server).await
+    }
+
+    /// Runs `server` on a port of its own.
+    pub async fn run(server: Server) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(Server::new(config).run(listener, async {
+        let task = tokio::spawn(server.run(listener, async {
             let _ = rx.await;
         }));
         Self { addr, shutdown: Some(tx), task }
@@ -84,6 +96,62 @@ impl TestServer {
             .await
             .expect("server did not stop within 30 s")
             .expect("server task panicked")
+    }
+}
+
+/// A config file in a directory of its own, removed on drop.
+pub struct TempConfig {
+    /// The directory.
+    pub dir: std::path::PathBuf,
+    /// The file.
+    pub path: std::path::PathBuf,
+}
+
+impl TempConfig {
+    /// Writes `text` to a fresh `config.toml`.
+    pub fn new(text: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wardroom-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).expect("write config");
+        Self { dir, path }
+    }
+
+    /// Rewrites the file in place (open, truncate, write).
+    pub fn write_in_place(&self, text: &str) {
+        std::fs::write(&self.path, text).expect("write config");
+    }
+
+    /// Saves as editors do: write a temporary file, then rename it over.
+    pub fn save_by_rename(&self, text: &str) {
+        let temp = self.dir.join(".config.toml.swp");
+        std::fs::write(&temp, text).expect("write temp file");
+        std::fs::rename(&temp, &self.path).expect("rename over the config");
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -1,0 +1,325 @@
+//! Policies: the config and the pipeline built from it, swapped as one
+//! snapshot, and the one reload path that produces them.
+//!
+//! Reload: read the file → parse → validate everything → build every filter
+//! → swap the snapshot atomically. Any problem keeps the running policies
+//! and is reported (logs, `/admin/reload`). The file watcher and SIGHUP both
+//! go through [`Reloader::reload`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use wardroom_plugin_api::Registry;
+
+use crate::config::{self, Config, Problem, Problems};
+use crate::lock;
+use crate::pipeline::{FilterStates, Pipeline};
+
+/// One consistent set of policies: a config and the pipeline built from it.
+#[derive(Debug)]
+pub struct Policies {
+    /// The configuration.
+    pub config: Config,
+    /// The filters of `config.filters`, built.
+    pub pipeline: Pipeline,
+}
+
+impl Policies {
+    /// Builds the pipeline for `config`, reusing the filter state in
+    /// `states`; returns the policies and the state to keep.
+    pub fn build(text: &str, registry: &Registry, states: &FilterStates) -> Result<(Self, FilterStates), Vec<Problem>> {
+        let (config, (pipeline, kept)) =
+            config::parse_then(text, |config| Pipeline::build(&config.filters, registry, states))?;
+        Ok((Policies { config, pipeline }, kept))
+    }
+
+    /// Policies from a config that is already parsed (for embedding and tests).
+    pub fn from_config(config: Config, registry: &Registry) -> Result<(Self, FilterStates), Vec<Problem>> {
+        let (pipeline, kept) =
+            Pipeline::build(&config.filters, registry, &FilterStates::new()).map_err(|problems| {
+                problems
+                    .into_iter()
+                    .map(|(key, message)| Problem { line: 0, column: 0, key: Some(key), message })
+                    .collect::<Vec<_>>()
+            })?;
+        Ok((Policies { config, pipeline }, kept))
+    }
+}
+
+fn read(path: &Path) -> Result<String, Problems> {
+    std::fs::read_to_string(path).map_err(|e| Problems {
+        path: path.to_owned(),
+        problems: vec![Problem { line: 1, column: 1, key: None, message: format!("cannot read the file: {e}") }],
+    })
+}
+
+/// What the last reload attempt did, for `/admin/reload` and logs.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReloadStatus {
+    /// When it happened, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// `applied`, `rejected` or `unchanged`.
+    pub outcome: ReloadOutcome,
+    /// One line for people.
+    pub message: String,
+    /// Every problem found, `line:column: key: message`.
+    pub problems: Vec<String>,
+    /// Changed settings that take effect only after a restart.
+    pub restart_required: Vec<String>,
+}
+
+/// The result of a reload.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadOutcome {
+    /// The new policies are running.
+    Applied,
+    /// The file has problems; the previous policies keep running.
+    Rejected,
+    /// Nothing changed.
+    Unchanged,
+}
+
+impl ReloadOutcome {
+    /// Every outcome, in declaration order.
+    pub const ALL: [ReloadOutcome; 3] = [ReloadOutcome::Applied, ReloadOutcome::Rejected, ReloadOutcome::Unchanged];
+
+    /// Label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadOutcome::Applied => "applied",
+            ReloadOutcome::Rejected => "rejected",
+            ReloadOutcome::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// Owns the running policies and reloads them from the config file.
+pub struct Reloader {
+    /// The running policies; readers load a snapshot per operation.
+    current: ArcSwap<Policies>,
+    /// Filter kinds, for rebuilding.
+    registry: Registry,
+    /// The config file, when the policies came from one.
+    path: Option<PathBuf>,
+    /// The text of the running config, to skip reloads that change nothing.
+    text: Mutex<String>,
+    /// Filter state kept across reloads.
+    states: Mutex<FilterStates>,
+    /// The last reload attempt.
+    status: Mutex<Option<ReloadStatus>>,
+    /// Reload attempts by outcome (indexed by [`ReloadOutcome`]).
+    counts: [crate::metrics::Counter; 3],
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").field("path", &self.path).field("registry", &self.registry).finish()
+    }
+}
+
+impl Reloader {
+    /// A reloader running `policies`, read from `path` (with `text`).
+    pub fn new(
+        policies: Policies,
+        states: FilterStates,
+        registry: Registry,
+        path: Option<PathBuf>,
+        text: String,
+    ) -> Self {
+        Reloader {
+            current: ArcSwap::from_pointee(policies),
+            registry,
+            path,
+            text: Mutex::new(text),
+            states: Mutex::new(states),
+            status: Mutex::new(None),
+            counts: Default::default(),
+        }
+    }
+
+    /// The running policies.
+    pub fn current(&self) -> arc_swap::Guard<Arc<Policies>> {
+        self.current.load()
+    }
+
+    /// The last reload attempt, if any.
+    pub fn status(&self) -> Option<ReloadStatus> {
+        lock(&self.status).clone()
+    }
+
+    /// Reload attempts by outcome.
+    pub fn counts(&self) -> impl Iterator<Item = (ReloadOutcome, u64)> + '_ {
+        ReloadOutcome::ALL.iter().map(|o| (*o, self.counts[*o as usize].get()))
+    }
+
+    /// Reloads the config file: on success the new policies replace the old
+    /// ones at once; on any problem the old ones keep running.
+    pub fn reload(&self) -> ReloadStatus {
+        let status = self.try_reload();
+        self.counts[status.outcome as usize].inc();
+        match status.outcome {
+            ReloadOutcome::Applied => {
+                tracing::info!(restart_required = ?status.restart_required, "{}", status.message)
+            }
+            ReloadOutcome::Unchanged => tracing::debug!("{}", status.message),
+            ReloadOutcome::Rejected => {
+                tracing::error!(problems = ?status.problems, "{}", status.message)
+            }
+        }
+        *lock(&self.status) = Some(status.clone());
+        status
+    }
+
+    fn try_reload(&self) -> ReloadStatus {
+        let at_ms = crate::protocol::now_ms();
+        let status = |outcome, message: String, problems: Vec<String>| ReloadStatus {
+            at_ms,
+            outcome,
+            message,
+            problems,
+            restart_required: Vec::new(),
+        };
+        let Some(path) = &self.path else {
+            return status(ReloadOutcome::Unchanged, "no config file to reload".into(), Vec::new());
+        };
+        let text = match read(path) {
+            Ok(text) => text,
+            Err(problems) => {
+                let lines = problems.problems.iter().map(|p| p.message.clone()).collect();
+                return status(
+                    ReloadOutcome::Rejected,
+                    format!("cannot read {}; keeping the current policies", path.display()),
+                    lines,
+                );
+            }
+        };
+        if text.trim().is_empty() {
+            // An editor that truncates before writing leaves an empty file for
+            // a moment; applying it would drop every policy.
+            return status(
+                ReloadOutcome::Rejected,
+                format!("{} is empty; keeping the current policies", path.display()),
+                Vec::new(),
+            );
+        }
+        if *lock(&self.text) == text {
+            return status(ReloadOutcome::Unchanged, format!("{} has not changed", path.display()), Vec::new());
+        }
+        let mut states = lock(&self.states);
+        match Policies::build(&text, &self.registry, &states) {
+            Err(problems) => status(
+                ReloadOutcome::Rejected,
+                format!("{} has {} problem(s); keeping the current policies", path.display(), problems.len()),
+                problems.iter().map(ToString::to_string).collect(),
+            ),
+            Ok((mut policies, kept)) => {
+                let running = self.current.load();
+                let restart_required = restart_required(&running.config, &policies.config);
+                // Settings read only at start-up keep their running values, so
+                // the snapshot always describes what the server does.
+                policies.config.server = running.config.server.clone();
+                policies.config.reload = running.config.reload.clone();
+                self.current.store(Arc::new(policies));
+                *states = kept;
+                *lock(&self.text) = text;
+                let mut applied =
+                    status(ReloadOutcome::Applied, format!("applied the policies in {}", path.display()), Vec::new());
+                applied.restart_required = restart_required;
+                applied
+            }
+        }
+    }
+}
+
+/// Settings that changed but apply only after a restart.
+fn restart_required(running: &Config, new: &Config) -> Vec<String> {
+    let (a, b) = (&running.server, &new.server);
+    let mut changed = Vec::new();
+    let mut note = |key: &str, differs: bool| {
+        if differs {
+            changed.push(format!("server.{key}"));
+        }
+    };
+    note("bind", a.bind != b.bind);
+    note("workers", a.workers != b.workers);
+    note("max_connections", a.max_connections != b.max_connections);
+    note("max_connections_per_ip", a.max_connections_per_ip != b.max_connections_per_ip);
+    note("header_read_timeout", a.header_read_timeout != b.header_read_timeout);
+    note("trusted_proxies", a.trusted_proxies != b.trusted_proxies);
+    if running.reload.watch != new.reload.watch {
+        changed.push("reload.watch".to_owned());
+    }
+    changed
+}
+
+/// How long the config file's directory must be quiet before a reload, so
+/// that an editor's save (truncate, write, rename…) is read once, whole.
+const QUIET: Duration = Duration::from_millis(150);
+
+/// Watches the config file's directory (editors replace files by rename, so
+/// the file itself cannot be watched) and listens for SIGHUP; both trigger
+/// [`Reloader::reload`]. Runs until dropped.
+pub async fn watch(reloader: Arc<Reloader>) {
+    let Some(path) = reloader.path.clone() else { return };
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let watch_file = reloader.current().config.reload.watch;
+    let _watcher = match watch_file.then(|| directory_watcher(&path, tx.clone())) {
+        Some(Ok(watcher)) => Some(watcher),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, path = %path.display(), "cannot watch the config file; reload with SIGHUP");
+            None
+        }
+        None => None,
+    };
+    #[cfg(unix)]
+    let _hangup = tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else { return };
+        while hangup.recv().await.is_some() {
+            if tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    #[cfg(unix)]
+    let _hangup = AbortOnDrop(_hangup);
+    while rx.recv().await.is_some() {
+        // Wait for the burst of events to end.
+        while let Ok(Some(())) = tokio::time::timeout(QUIET, rx.recv()).await {}
+        let reloader = reloader.clone();
+        // Reading and building can take a moment (large rule sets): off the runtime.
+        let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn directory_watcher(path: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let file_name = path.file_name().map(ToOwned::to_owned);
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let ours = event.paths.iter().any(|p| p.file_name() == file_name.as_deref());
+        if ours && !matches!(event.kind, EventKind::Access(_)) {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&directory, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}

@@ -1,0 +1,187 @@
+//! Hot reload: in-place edits, saves by rename and truncate-then-write are
+//! applied within a second; invalid files keep the old policies running and
+//! are reported; limits and connections survive a reload.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::raw::http_request;
+use support::{Client, TempConfig, TestServer, eventually};
+
+const TOKEN: &str = "Authorization: Bearer test-token\r\n";
+
+fn policy(words: &[&str]) -> String {
+    let words: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
+    format!("[admin]\ntoken = \"test-token\"\n\n[[filters]]\nkind = \"profanity\"\nwords = [{}]\n", words.join(", "))
+}
+
+/// Sends `content` and reports whether the profanity filter refused it.
+async fn refused(client: &mut Client, content: &str) -> bool {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let reference = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    client.send(json!({"type": "message", "room": "lobby", "content": content, "ref": reference})).await;
+    loop {
+        let frame = client.recv().await;
+        if frame["ref"] == reference {
+            return match frame["type"].as_str() {
+                Some("ack") => false,
+                Some("error") if frame["code"] == "profanity" => true,
+                _ => panic!("unexpected answer {frame}"),
+            };
+        }
+    }
+}
+
+async fn status(server: &TestServer) -> Value {
+    let (code, body) = http_request(server.addr, "GET", "/admin/reload", TOKEN).await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("status is JSON")
+}
+
+async fn started(words: &[&str]) -> (TempConfig, TestServer, Client) {
+    let file = TempConfig::new(&policy(words));
+    let server = TestServer::with_file(&file.path).await;
+    let mut client = server.client("Alice").await;
+    client.join("lobby").await;
+    (file, server, client)
+}
+
+/// Within a second, "darn" goes from allowed to refused.
+async fn darn_becomes_refused(client: &mut Client) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !refused(client, "darn").await {
+        assert!(tokio::time::Instant::now() < deadline, "the new rule was not applied within 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_place_edit_applies_within_a_second() {
+    let (file, _server, mut client) = started(&["fuck"]).await;
+    assert!(!refused(&mut client, "darn").await);
+    file.write_in_place(&policy(&["fuck", "darn"]));
+    darn_becomes_refused(&mut client).await;
+    assert!(refused(&mut client, "fuck").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_by_rename_applies_within_a_second() {
+    let (file, _server, mut client) = started(&["fuck"]).await;
+    assert!(!refused(&mut client, "darn").await);
+    file.save_by_rename(&policy(&["fuck", "darn"]));
+    darn_becomes_refused(&mut client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_then_write_never_drops_the_filter() {
+    let (file, server, mut client) = started(&["fuck"]).await;
+    // Truncate, then wait long enough for the watcher to see the empty file.
+    std::fs::OpenOptions::new().write(true).truncate(true).open(&file.path).expect("truncate");
+    let seen = eventually(Duration::from_secs(2), || async {
+        let status = status(&server).await;
+        (status["outcome"] == "rejected").then_some(status)
+    })
+    .await
+    .expect("the empty file was noticed");
+    assert!(seen["message"].as_str().unwrap().contains("is empty; keeping the current policies"), "{seen}");
+    assert!(refused(&mut client, "fuck").await, "the filter is still running");
+    std::fs::write(&file.path, policy(&["fuck", "darn"])).expect("write");
+    darn_becomes_refused(&mut client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_files_keep_the_old_policies_and_are_reported() {
+    let (file, server, mut client) = started(&["fuck"]).await;
+    let base = policy(&["fuck"]);
+    let cases = [
+        ("invalid TOML", format!("{base}\nwords = [unclosed\n"), "8:"),
+        ("an unknown key", format!("{base}\n[rooms]\nmax_romos = 3\n"), "unknown field `max_romos`"),
+        ("a bad regex", format!("{base}rules = [{{ regex = \"(unclosed\" }}]\n"), "rules[0].regex"),
+        ("an unknown filter kind", format!("{base}\n[[filters]]\nkind = \"nope\"\n"), "unknown filter kind `nope`"),
+        ("an out-of-range value", format!("{base}\n[limits]\noutbound_queue = 0\n"), "must be between 1 and"),
+        (
+            "an oversized regex",
+            format!("{base}rules = [{{ regex = \"\\\\w{{1000}}\\\\w{{1000}}\\\\w{{1000}}\" }}]\n"),
+            "oversized",
+        ),
+    ];
+    let mut last_at = 0;
+    for (what, text, needle) in cases {
+        file.save_by_rename(&text);
+        let report = eventually(Duration::from_secs(2), || async {
+            let status = status(&server).await;
+            (status["at_ms"].as_u64() > Some(last_at) && status["outcome"] == "rejected").then_some(status)
+        })
+        .await
+        .unwrap_or_else(|| panic!("{what}: no rejected reload reported"));
+        last_at = report["at_ms"].as_u64().unwrap();
+        let problems = report["problems"].to_string();
+        assert!(problems.contains(needle), "{what}: {needle:?} not in {problems}");
+        assert!(
+            report["problems"][0].as_str().unwrap().split(':').next().unwrap().parse::<u32>().is_ok(),
+            "{what}: problems start with a line number: {problems}"
+        );
+        assert!(refused(&mut client, "fuck").await, "{what}: the old policy keeps running");
+        // Distinct timestamps for the next case.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Deleting the file keeps the policies too.
+    std::fs::remove_file(&file.path).expect("delete");
+    let report = eventually(Duration::from_secs(2), || async {
+        let status = status(&server).await;
+        status["message"].as_str().is_some_and(|m| m.contains("cannot read")).then_some(status)
+    })
+    .await;
+    assert!(report.is_some(), "a deleted file is reported");
+    assert!(refused(&mut client, "fuck").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_user_is_still_limited_after_a_reload() {
+    let with_rate =
+        |words: &[&str]| format!("{}\n[[filters]]\nkind = \"rate\"\nper_user = {{ per_minute = 1 }}\n", policy(words));
+    let file = TempConfig::new(&with_rate(&["fuck"]));
+    let server = TestServer::with_file(&file.path).await;
+    let mut client = server.client("Alice").await;
+    client.join("lobby").await;
+    client.post("lobby", "one").await;
+    client.send(json!({"type": "message", "room": "lobby", "content": "two", "ref": "r2"})).await;
+    assert_eq!(client.recv().await["code"], "rate_limited");
+
+    file.save_by_rename(&with_rate(&["fuck", "darn"]));
+    let applied =
+        eventually(Duration::from_secs(2), || async { (status(&server).await["outcome"] == "applied").then_some(()) })
+            .await;
+    assert!(applied.is_some(), "the reload was applied");
+    client.send(json!({"type": "message", "room": "lobby", "content": "three", "ref": "r3"})).await;
+    let answer = client.recv().await;
+    assert_eq!((&answer["code"], &answer["ref"]), (&json!("rate_limited"), &json!("r3")), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_need_a_restart_are_reported_and_the_rest_applies() {
+    let (file, server, mut client) = started(&["fuck"]).await;
+    file.save_by_rename(&format!("[server]\nmax_connections = 10\n\n{}", policy(&["fuck", "darn"])));
+    darn_becomes_refused(&mut client).await;
+    let report = status(&server).await;
+    assert_eq!(report["outcome"], "applied");
+    assert_eq!(report["restart_required"], json!(["server.max_connections"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_wants_the_token() {
+    let (_file, server, _client) = started(&["fuck"]).await;
+    for headers in ["", "Authorization: Bearer wrong\r\n", "Authorization: test-token\r\n"] {
+        let (code, body) = http_request(server.addr, "GET", "/admin/reload", headers).await;
+        assert_eq!((code, body.as_str()), (401, "unauthorized"), "{headers:?}");
+    }
+    let (code, body) = http_request(server.addr, "POST", "/admin/reload", TOKEN).await;
+    assert_eq!(code, 200);
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["outcome"], "unchanged", "{report}");
+
+    let plain = TestServer::start().await;
+    assert_eq!(http_request(plain.addr, "GET", "/admin/reload", TOKEN).await.0, 404, "no token, no admin API");
+}
