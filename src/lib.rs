@@ -36,6 +36,7 @@
 //! - [`outbox`]: one client's bounded queue of outgoing frames.
 //! - [`client`]: one connected client as the hub sees it.
 //! - [`names`]: nickname and room-name rules.
+//! - [`replay`]: `wardroom replay`, messages through the pipeline offline.
 
 pub mod admin;
 pub mod admission;
@@ -50,6 +51,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod policy;
 pub mod protocol;
+pub mod replay;
 pub mod server;
 pub mod transport;
 pub mod ws;

@@ -31,12 +31,17 @@ enum Command {
         /// The file to check (defaults to --config).
         path: Option<PathBuf>,
     },
+    /// Run messages from stdin (plain lines, or JSON lines with user, roles,
+    /// room and content) through the config's filters and print, per
+    /// message, the verdict, the deciding filter and shadow-mode verdicts.
+    Replay,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Check { path } => check(&path.unwrap_or(cli.config)),
+        Command::Replay => replay(&cli.config),
         Command::Run => match run(&cli.config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -60,6 +65,27 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
         Err(problems) => {
             eprint!("{problems}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn replay(path: &std::path::Path) -> ExitCode {
+    let server = match builder().load_file(path) {
+        Ok(server) => server,
+        Err(problems) => {
+            eprint!("{problems}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let policies = server.policies();
+    match wardroom::replay::run(&policies.pipeline, std::io::stdin().lock(), std::io::stdout().lock()) {
+        Ok(refused) => {
+            eprintln!("{refused} message(s) refused");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wardroom replay: {e}");
             ExitCode::FAILURE
         }
     }

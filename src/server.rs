@@ -69,6 +69,11 @@ impl Server {
         self.reloader.current().config.clone()
     }
 
+    /// The policies (config and built filters) the server starts with.
+    pub fn policies(&self) -> Arc<Policies> {
+        self.reloader.current().clone()
+    }
+
     /// Serves on `listener` until `shutdown` resolves, then closes every
     /// client with 1001 (after what is queued for it), waits up to the
     /// shutdown grace period, and returns.

@@ -82,3 +82,36 @@ async fn binary_logs_its_address_serves_chat_and_exits_0_on_sigterm() {
     let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
     assert!(exit.success(), "exit status {exit:?}");
 }
+
+#[test]
+fn replay_prints_the_verdict_filter_and_shadow_verdicts_per_message() {
+    let path = temp_config(
+        "replay",
+        "[[filters]]\nkind = \"profanity\"\nwords = [\"fuck\"]\nrules = [{ words = [\"darn\"], action = \"mask\" }]\n\n\
+         [[filters]]\nid = \"strict-size\"\nkind = \"size\"\nmax_chars = 10\nenforce = false\n",
+    );
+    let mut child = wardroom()
+        .args(["replay", "--config"])
+        .arg(&path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run wardroom replay");
+    let input = "hello\nf.u.c.k you\n{\"user\":\"ann\",\"room\":\"x\",\"content\":\"oh darn it, again\"}\n";
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes()).expect("write stdin");
+    let output = child.wait_with_output().expect("replay output");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let reports: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(reports.len(), 3);
+    assert_eq!(reports[0]["verdict"], "allow");
+    assert_eq!((&reports[1]["verdict"], &reports[1]["filter"]), (&"reject".into(), &"profanity".into()));
+    assert_eq!(reports[2]["verdict"], "modified");
+    assert_eq!(reports[2]["delivered"], "oh **** it, again");
+    assert_eq!(reports[2]["shadow"][0]["filter"], "strict-size");
+    assert_eq!(reports[2]["shadow"][0]["code"], "too_large");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("1 message(s) refused"));
+}

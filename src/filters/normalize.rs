@@ -20,21 +20,23 @@ use std::ops::Range;
 
 use unicode_normalization::char::{decompose_compatible, is_combining_mark};
 
-/// A normalised text and where each of its bytes came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A normalised text and, when asked for, where each of its bytes came from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Normalized {
     /// Tokens separated by single spaces.
     pub text: String,
     /// For each byte of `text`, the byte range of the original character it
-    /// came from (for a space: the gap between the tokens).
-    origin: Vec<Range<usize>>,
+    /// came from (for a space: the gap between the tokens). Empty unless
+    /// built by [`normalize_with_origin`].
+    origin: Vec<(u32, u32)>,
 }
 
 impl Normalized {
-    /// The original byte range covering the normalised bytes `range`.
+    /// The original byte range covering the normalised bytes `range`
+    /// (only for texts from [`normalize_with_origin`]).
     pub fn original(&self, range: Range<usize>) -> Range<usize> {
-        let start = self.origin.get(range.start).map_or(0, |r| r.start);
-        let end = range.end.checked_sub(1).and_then(|last| self.origin.get(last)).map_or(start, |r| r.end);
+        let start = self.origin.get(range.start).map_or(0, |r| r.0 as usize);
+        let end = range.end.checked_sub(1).and_then(|last| self.origin.get(last)).map_or(start, |r| r.1 as usize);
         start..end.max(start)
     }
 }
@@ -50,99 +52,165 @@ enum Class {
     Space,
 }
 
-/// A normalised character with its original byte range.
-#[derive(Debug, Clone)]
-struct Unit {
-    ch: char,
-    class: Class,
-    from: Range<usize>,
-}
-
 /// Normalises `input` (see the module docs).
 pub fn normalize(input: &str) -> Normalized {
-    let mut units = Vec::with_capacity(input.len());
+    let mut builder = Builder::new(input.len(), false);
+    feed(input, &mut builder);
+    builder.finish()
+}
+
+/// Like [`normalize`], also recording where each byte came from, so that
+/// matches can be mapped back to the original text.
+pub fn normalize_with_origin(input: &str) -> Normalized {
+    let mut builder = Builder::new(input.len(), true);
+    feed(input, &mut builder);
+    builder.finish()
+}
+
+fn feed(input: &str, builder: &mut Builder) {
     for (offset, c) in input.char_indices() {
-        let from = offset..offset + c.len_utf8();
+        let from = (offset as u32, (offset + c.len_utf8()) as u32);
         if c.is_ascii() {
-            push_folded(c, &from, &mut units);
+            let lower = c.to_ascii_lowercase();
+            builder.push(lower, ascii_class(lower), from);
         } else {
             decompose_compatible(c, |d| {
                 if !is_combining_mark(d) {
-                    push_folded(d, &from, &mut units);
+                    for lower in d.to_lowercase() {
+                        let ch = lookalike(lower);
+                        if !is_invisible(ch) {
+                            builder.push(ch, class(ch), from);
+                        }
+                    }
                 }
             });
         }
     }
+}
 
-    // Cut into tokens: runs of Word units, with Glue units dropped inside.
-    let mut tokens: Vec<Vec<Unit>> = Vec::new();
-    let mut current: Vec<Unit> = Vec::new();
-    for unit in units {
-        match unit.class {
-            Class::Word => current.push(unit),
-            Class::Glue => {}
-            Class::Space => {
-                if !current.is_empty() {
-                    tokens.push(std::mem::take(&mut current));
+fn ascii_class(c: char) -> Class {
+    if c.is_ascii_alphanumeric() || matches!(c, '@' | '$' | '!') {
+        Class::Word
+    } else if c.is_ascii_whitespace() {
+        Class::Space
+    } else {
+        Class::Glue
+    }
+}
+
+fn class(c: char) -> Class {
+    if c.is_whitespace() {
+        Class::Space
+    } else if c.is_alphanumeric() || matches!(c, '@' | '$' | '!') {
+        Class::Word
+    } else {
+        Class::Glue
+    }
+}
+
+/// Builds the normalised text in one pass over the characters.
+struct Builder {
+    out: Normalized,
+    track: bool,
+    /// Byte offset in `out.text` where the current token starts, if one is open.
+    token: Option<usize>,
+    /// Characters in the current token.
+    token_chars: usize,
+    /// Original end of the current token's last character.
+    token_end: u32,
+    /// Whether the current token is a run of characters with gaps between
+    /// them in the original (so far), as one-character tokens joined are.
+    token_gapped: bool,
+    /// Start (in `out.text`) of the run the current token extends, when the
+    /// previous token was one character (or a run of them).
+    run: Option<usize>,
+}
+
+impl Builder {
+    fn new(capacity: usize, track: bool) -> Self {
+        Builder {
+            out: Normalized {
+                text: String::with_capacity(capacity),
+                origin: if track { Vec::with_capacity(capacity) } else { Vec::new() },
+            },
+            track,
+            token: None,
+            token_chars: 0,
+            token_end: 0,
+            token_gapped: true,
+            run: None,
+        }
+    }
+
+    fn push(&mut self, ch: char, class: Class, from: (u32, u32)) {
+        match class {
+            Class::Word => {
+                if self.token.is_none() {
+                    if !self.out.text.is_empty() {
+                        let gap = self.out.origin.last().map_or(0, |r| r.1);
+                        self.push_char(' ', (gap, gap));
+                    }
+                    self.token = Some(self.out.text.len());
+                    self.token_chars = 0;
+                    self.token_gapped = true;
+                } else if self.token_end == from.0 {
+                    self.token_gapped = false;
                 }
+                self.token_end = from.1;
+                self.token_chars += 1;
+                self.push_char(ch, from);
+            }
+            Class::Glue => {}
+            Class::Space => self.end_token(),
+        }
+    }
+
+    fn push_char(&mut self, ch: char, from: (u32, u32)) {
+        self.out.text.push(ch);
+        if self.track {
+            for _ in 0..ch.len_utf8() {
+                self.out.origin.push(from);
             }
         }
     }
-    if !current.is_empty() {
-        tokens.push(current);
-    }
 
-    // Join runs of one-character tokens: "f u c k" → "fuck".
-    let mut joined: Vec<Vec<Unit>> = Vec::with_capacity(tokens.len());
-    for token in tokens {
-        match joined.last_mut() {
-            Some(last) if token.len() == 1 && last_is_single_run(last) => last.extend(token),
-            _ => joined.push(token),
-        }
-    }
-
-    let mut out = Normalized { text: String::with_capacity(input.len()), origin: Vec::with_capacity(input.len()) };
-    for (i, token) in joined.into_iter().enumerate() {
-        if i > 0 {
-            let gap = out.origin.last().map_or(0, |r| r.end);
-            out.text.push(' ');
-            out.origin.push(gap..gap);
-        }
-        let leet = token.iter().any(|u| u.ch.is_alphabetic());
-        for unit in token {
-            let ch = if leet { unleet(unit.ch) } else { unit.ch };
-            let mut buf = [0u8; 4];
-            for _ in 0..ch.encode_utf8(&mut buf).len() {
-                out.origin.push(unit.from.clone());
+    /// Closes the open token: joins it to the previous run of one-character
+    /// tokens if it is one character too, then maps leetspeak in tokens
+    /// that hold a letter.
+    fn end_token(&mut self) {
+        let Some(start) = self.token.take() else { return };
+        let run_start = match self.run {
+            // Join: drop the space before this one-character token.
+            Some(run_start) if self.token_chars == 1 => {
+                self.out.text.remove(start - 1);
+                if self.track {
+                    self.out.origin.remove(start - 1);
+                }
+                run_start
             }
-            out.text.push(ch);
-        }
-    }
-    out
-}
-
-/// Whether a token is a one-character token or a run of them (so another
-/// one-character token may join it). In a run, every two neighbouring units
-/// came from characters with something between them; in an ordinary word
-/// some neighbours are adjacent in the original text.
-fn last_is_single_run(token: &[Unit]) -> bool {
-    token.windows(2).all(|w| w[0].from.end < w[1].from.start)
-}
-
-fn push_folded(c: char, from: &Range<usize>, units: &mut Vec<Unit>) {
-    for lower in c.to_lowercase() {
-        let ch = lookalike(lower);
-        let class = if is_invisible(ch) {
-            continue;
-        } else if ch.is_whitespace() {
-            Class::Space
-        } else if ch.is_alphanumeric() || matches!(ch, '@' | '$' | '!') {
-            Class::Word
-        } else {
-            Class::Glue
+            _ => start,
         };
-        units.push(Unit { ch, class, from: from.clone() });
+        self.run = (self.token_chars == 1 || self.token_gapped).then_some(run_start);
+        unleet_if_worded(&mut self.out.text, run_start);
     }
+
+    fn finish(mut self) -> Normalized {
+        self.end_token();
+        self.out
+    }
+}
+
+/// In `text[start..]`, if it holds a letter, maps leetspeak digits and
+/// symbols to letters. All of them are ASCII, as are their replacements, so
+/// the text keeps its length and its origin map stays valid.
+fn unleet_if_worded(text: &mut String, start: usize) {
+    let token = &text[start..];
+    if !token.chars().any(char::is_alphabetic) || !token.bytes().any(|b| unleet(b as char) != b as char) {
+        return;
+    }
+    let mapped: String = token.chars().map(unleet).collect();
+    text.truncate(start);
+    text.push_str(&mapped);
 }
 
 /// Zero-width and other format characters: never visible, never meaningful
@@ -261,7 +329,7 @@ mod tests {
     #[test]
     fn origin_maps_back_to_the_original_text() {
         let text = "oh f.u.c.k!";
-        let normalized = normalize(text);
+        let normalized = normalize_with_origin(text);
         let start = normalized.text.find("fuck").unwrap();
         let range = normalized.original(start..start + 4);
         assert_eq!(&text[range], "f.u.c.k");

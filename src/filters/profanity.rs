@@ -13,7 +13,7 @@ use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 use serde::Deserialize;
 use wardroom_plugin_api::{BuildContext, BuildError, Context, Filter, FilterFactory, Message, Options, Verdict};
 
-use super::normalize::{Normalized, normalize};
+use super::normalize::{Normalized, normalize, normalize_with_origin};
 
 /// Words that contain a commonly blocked word but are innocent.
 const DEFAULT_ALLOW: &[&str] = &[
@@ -294,13 +294,16 @@ impl Filter for Profanity {
             }
             Action::Flag | Action::Mask => {}
         }
-        let mut masks: Vec<Range<usize>> = hits
-            .iter()
-            .filter(|(_, action)| *action == Action::Mask)
-            .map(|(range, _)| normalized.original(range.clone()))
-            .collect();
-        masks.sort_by_key(|r| r.start);
-        if !masks.is_empty() {
+        if hits.iter().any(|(_, action)| *action == Action::Mask) {
+            // Only now pay for the map back to the original text.
+            let mapped = normalize_with_origin(&message.content);
+            debug_assert_eq!(mapped.text, normalized.text);
+            let mut masks: Vec<Range<usize>> = hits
+                .iter()
+                .filter(|(_, action)| *action == Action::Mask)
+                .map(|(range, _)| mapped.original(range.clone()))
+                .collect();
+            masks.sort_by_key(|r| r.start);
             message.content = mask(&message.content, &masks);
         }
         if hits.iter().any(|(_, action)| *action == Action::Flag) {
