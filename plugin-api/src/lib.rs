@@ -62,6 +62,23 @@ use serde::de::DeserializeOwned;
 /// defaults to [`Verdict::Allow`], so a filter implements only what it cares
 /// about. Hooks are synchronous and must be cheap: they run on the path of
 /// every message. Filters keep their own state with interior mutability.
+///
+/// ```
+/// use wardroom_plugin_api::{Context, Filter, Message, Verdict};
+///
+/// /// Refuses messages in one room while allowing everything else.
+/// struct ReadOnly { room: String }
+///
+/// impl Filter for ReadOnly {
+///     fn on_message(&self, _message: &mut Message, ctx: &Context<'_>) -> Verdict {
+///         if ctx.room == self.room && !ctx.has_role("moderator") {
+///             Verdict::reject("read_only", "only moderators post here")
+///         } else {
+///             Verdict::Allow
+///         }
+///     }
+/// }
+/// ```
 pub trait Filter: Send + Sync + 'static {
     /// A client asks to connect (before the WebSocket upgrade). A rejection
     /// refuses the upgrade with an HTTP error: 429 for the code
@@ -95,6 +112,18 @@ pub trait Filter: Send + Sync + 'static {
 }
 
 /// What a filter decided.
+///
+/// ```
+/// use std::time::Duration;
+/// use wardroom_plugin_api::{Escalation, Verdict};
+///
+/// let limited = Verdict::reject_for("rate_limited", "slow down", Duration::from_secs(2));
+/// assert!(!limited.lets_through());
+/// assert_eq!(limited.name(), "reject");
+/// let mute = Verdict::Escalate { action: Escalation::Mute(Duration::from_secs(600)), reason: "spam".into() };
+/// assert_eq!(mute.name(), "escalate");
+/// assert!(Verdict::Flag { reason: "check this".into() }.lets_through());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Verdict {
@@ -160,6 +189,14 @@ impl Verdict {
 }
 
 /// An action against a user, asked for by [`Verdict::Escalate`].
+///
+/// ```
+/// use std::time::Duration;
+/// use wardroom_plugin_api::Escalation;
+///
+/// let ladder = [Escalation::Warn, Escalation::Mute(Duration::from_secs(600)), Escalation::Kick, Escalation::Ban(None)];
+/// assert_eq!(ladder.len(), 4);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Escalation {
@@ -174,6 +211,14 @@ pub enum Escalation {
 }
 
 /// A message on its way to a room.
+///
+/// ```
+/// use wardroom_plugin_api::Message;
+///
+/// let mut message = Message { content: "hello".to_owned() };
+/// message.content.make_ascii_uppercase();
+/// assert_eq!(message.content, "HELLO");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     /// The text; filters may edit it.
@@ -181,6 +226,20 @@ pub struct Message {
 }
 
 /// Who is acting, where and when.
+///
+/// ```
+/// use wardroom_plugin_api::Context;
+///
+/// let ctx = Context {
+///     user_id: "guest:1f2e",
+///     nick: "Alice",
+///     roles: &["member", "moderator"],
+///     addr: "203.0.113.7".parse().unwrap(),
+///     room: "lobby",
+///     now: std::time::SystemTime::now(),
+/// };
+/// assert!(ctx.has_role("moderator"));
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     /// Stable user id (`guest:<session>` for guests).
@@ -205,6 +264,13 @@ impl Context<'_> {
 }
 
 /// A connection asking to be accepted.
+///
+/// ```
+/// use wardroom_plugin_api::Connection;
+///
+/// let connection = Connection { addr: "198.51.100.4".parse().unwrap(), origin: Some("https://chat.example.com"), user_id: None };
+/// assert!(connection.origin.is_some_and(|o| o.starts_with("https://")));
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Connection<'a> {
     /// The client's address (behind a trusted proxy: the forwarded one).
@@ -218,6 +284,20 @@ pub struct Connection<'a> {
 /// The options of one `[[filters]]` entry: every key of the entry except the
 /// ones the server reads itself (`kind`, `id`, `enabled`, `enforce`, `rooms`,
 /// `exempt_roles`), as JSON-like values.
+///
+/// ```
+/// use wardroom_plugin_api::Options;
+///
+/// #[derive(serde::Deserialize)]
+/// #[serde(deny_unknown_fields)]
+/// struct MyOptions { limit: u32 }
+///
+/// let mut map = serde_json::Map::new();
+/// map.insert("limit".into(), 5.into());
+/// let options = Options::new(map);
+/// assert_eq!(options.parse::<MyOptions>().unwrap().limit, 5);
+/// assert_eq!(options.get("limit"), Some(&serde_json::json!(5)));
+/// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Options(serde_json::Map<String, serde_json::Value>);
 
@@ -240,6 +320,13 @@ impl Options {
 }
 
 /// Why a filter could not be built from its options.
+///
+/// ```
+/// use wardroom_plugin_api::BuildError;
+///
+/// let error = BuildError::option("limit", "must be at least 1");
+/// assert_eq!(error.to_string(), "option `limit`: must be at least 1");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildError {
     /// The option at fault (a key of the entry, e.g. `rules`), if known.
@@ -274,6 +361,20 @@ impl std::error::Error for BuildError {}
 /// State that survives a reload, kept by the server for each filter entry
 /// (by its `id`) and handed to the factory when the entry is rebuilt, so
 /// that editing the config never resets a rate limit or a counter.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use wardroom_plugin_api::BuildContext;
+///
+/// // First build: a fresh counter.
+/// let mut first = BuildContext::default();
+/// let counter = first.state("seen", |_: &AtomicU64| true, AtomicU64::default);
+/// counter.fetch_add(3, Ordering::Relaxed);
+/// // After a reload, the same counter is handed back.
+/// let mut second = BuildContext::new(first.into_kept());
+/// let again = second.state("seen", |_: &AtomicU64| true, AtomicU64::default);
+/// assert_eq!(again.load(Ordering::Relaxed), 3);
+/// ```
 #[derive(Default)]
 pub struct BuildContext {
     previous: HashMap<String, Arc<dyn Any + Send + Sync>>,
@@ -318,6 +419,25 @@ impl BuildContext {
 }
 
 /// Builds filters of one kind.
+///
+/// ```
+/// use wardroom_plugin_api::{BuildContext, BuildError, Filter, FilterFactory, Options};
+///
+/// struct Nothing;
+/// impl Filter for Nothing {}
+///
+/// struct NothingFactory;
+/// impl FilterFactory for NothingFactory {
+///     fn kind(&self) -> &str { "nothing" }
+///     fn build(&self, options: &Options, _ctx: &mut BuildContext) -> Result<Box<dyn Filter>, BuildError> {
+///         if options.get("anything").is_some() {
+///             return Err(BuildError::option("anything", "this filter takes no options"));
+///         }
+///         Ok(Box::new(Nothing))
+///     }
+/// }
+/// assert!(NothingFactory.build(&Options::default(), &mut BuildContext::default()).is_ok());
+/// ```
 pub trait FilterFactory: Send + Sync + 'static {
     /// The name `[[filters]]` entries use in `kind = "…"`.
     fn kind(&self) -> &str;
@@ -329,6 +449,22 @@ pub trait FilterFactory: Send + Sync + 'static {
 }
 
 /// The filter kinds known to the server: built-ins and plugins.
+///
+/// ```
+/// use wardroom_plugin_api::{BuildContext, BuildError, Filter, FilterFactory, Options, Registry};
+///
+/// struct Nothing;
+/// impl Filter for Nothing {}
+/// struct NothingFactory;
+/// impl FilterFactory for NothingFactory {
+///     fn kind(&self) -> &str { "nothing" }
+///     fn build(&self, _: &Options, _: &mut BuildContext) -> Result<Box<dyn Filter>, BuildError> { Ok(Box::new(Nothing)) }
+/// }
+///
+/// let mut registry = Registry::new();
+/// registry.register(NothingFactory);
+/// assert_eq!(registry.kinds().collect::<Vec<_>>(), ["nothing"]);
+/// ```
 #[derive(Default)]
 pub struct Registry {
     factories: BTreeMap<String, Box<dyn FilterFactory>>,
