@@ -34,6 +34,16 @@ impl Roles {
     const NAMES: [(Roles, &'static str); 3] =
         [(Self::MEMBER, "member"), (Self::MODERATOR, "moderator"), (Self::ADMIN, "admin")];
 
+    /// The role called `name` (`member`, `moderator`, `admin`).
+    pub fn from_name(name: &str) -> Option<Roles> {
+        Self::NAMES.into_iter().find(|(_, n)| *n == name).map(|(r, _)| r)
+    }
+
+    /// Whether the roles include moderator or admin.
+    pub fn is_staff(self) -> bool {
+        self.0 & (Self::MODERATOR.0 | Self::ADMIN.0) != 0
+    }
+
     /// Whether every role in `other` is in `self`.
     pub fn contains(self, other: Roles) -> bool {
         self.0 & other.0 == other.0
@@ -84,9 +94,27 @@ pub struct Identity {
     pub nick: Box<str>,
     /// Roles.
     pub roles: Roles,
+    /// How the client identified itself.
+    pub kind: IdentityKind,
+}
+
+/// How a client identified itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// Not yet: only an `auth` frame is accepted (guests are not allowed).
+    Anonymous,
+    /// A guest with a nickname.
+    Guest,
+    /// A user with a verified token.
+    User,
 }
 
 impl Identity {
+    /// Whether the client is a guest.
+    pub fn is_guest(&self) -> bool {
+        self.kind == IdentityKind::Guest
+    }
+
     /// The identity as other clients see it.
     pub fn view(&self) -> UserView<'_> {
         UserView { id: &self.user_id, nick: &self.nick, roles: self.roles }
@@ -129,9 +157,10 @@ impl Client {
             addr,
             outbox: Outbox::new(outbound_queue),
             identity: Mutex::new(Arc::new(Identity {
-                user_id: format!("guest:{session:016x}").into(),
+                user_id: "".into(),
                 nick: "".into(),
-                roles: Roles::MEMBER,
+                roles: Roles::default(),
+                kind: IdentityKind::Anonymous,
             })),
             rooms: Mutex::new(Vec::new()),
             connected_at: now,

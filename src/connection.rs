@@ -29,7 +29,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::admission::Ticket;
-use crate::client::Client;
+use crate::client::{Client, IdentityKind};
 use crate::hub::Hub;
 use crate::outbox::{CloseReason, Next};
 use crate::protocol::{ClientFrame, ErrorCode, Request, RequestError, parse_client_frame};
@@ -59,6 +59,7 @@ pub async fn upgrade(
     client: Arc<Client>,
     on_upgrade: OnUpgrade,
     requested_nick: Option<String>,
+    token: Option<String>,
     ticket: Option<Ticket>,
 ) {
     let mut pending = Pending { hub: &hub, client: &client, armed: true };
@@ -73,7 +74,7 @@ pub async fn upgrade(
         tracing::error!(conn = client.id, "upgraded connection is not a TCP stream");
         return;
     };
-    hub.register(&client, requested_nick.as_deref());
+    hub.register(&client, requested_nick.as_deref(), token.as_deref());
     tracing::debug!(conn = client.id, addr = %client.addr, "connected");
 
     let policies = hub.policies();
@@ -399,12 +400,22 @@ impl Session {
 
     fn dispatch(&self, request: Request, reference: Option<&crate::protocol::Ref>) -> Result<(), RequestError> {
         let (hub, client) = (&*self.hub, &self.client);
+        if let Request::Auth { token } = request {
+            return hub.authenticate(client, &token, reference);
+        }
+        if client.identity().kind == IdentityKind::Anonymous {
+            return Err(RequestError::new(
+                ErrorCode::Unauthorized,
+                "sign in first: send an `auth` frame with your token",
+            ));
+        }
         match request {
             Request::Join { room } => hub.join(client, &room, reference),
             Request::Leave { room } => hub.leave(client, &room, reference),
             Request::Message { room, content } => hub.post(client, &room, content, reference),
             Request::Nick { nick } => hub.set_nick(client, &nick, reference),
             Request::History { room, before, limit } => hub.history(client, &room, before, limit, reference),
+            moderation => hub.moderate(client, moderation, reference),
         }
     }
 }

@@ -13,15 +13,17 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::client::{Client, ConnId, Identity, Roles};
+use crate::client::{Client, ConnId, Identity, IdentityKind, Roles};
+use crate::identity::impersonation_key;
 use crate::lock;
 use crate::metrics::{Metrics, Snapshot};
+use crate::moderation::{Held, ModerationState};
 use crate::names::{fold_nick, validate_nick, validate_room};
 use crate::outbox::{CloseReason, Pushed};
 use crate::pipeline::{Outcome, VerdictCounts};
@@ -29,6 +31,7 @@ use crate::policy::{Policies, Reloader};
 use crate::protocol::{
     ErrorCode, Limits, PresenceEvent, Ref, RequestError, ServerFrame, encode, encode_with_list, now_ms,
 };
+use crate::store::{Commit, Committed, Store, StoreError, StoredMessage, Write};
 use crate::ws::{CloseCode, OpCode, encode_control, payload_of};
 use arc_swap::Guard;
 use wardroom_plugin_api::{Connection, Context, Message, Verdict};
@@ -56,6 +59,12 @@ pub struct Hub {
     closing: AtomicBool,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
+    /// Durable state: history, bans, mutes, review queue, audit log.
+    store: Arc<dyn Store>,
+    /// Bans, mutes, strikes and room settings, checked in memory.
+    pub(crate) moderation: ModerationState,
+    /// This hub, for callbacks that run after a commit.
+    this: Weak<Hub>,
 }
 
 /// A chat room.
@@ -92,9 +101,13 @@ fn ping_frame() -> Bytes {
 }
 
 impl Hub {
-    /// A hub with no rooms or clients.
-    pub fn new(reloader: Arc<Reloader>) -> Self {
-        Self {
+    /// A hub with no rooms or clients, over `store` (whose state is loaded).
+    pub fn new(reloader: Arc<Reloader>, store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+        let snapshot = store.snapshot(now_ms())?;
+        Ok(Arc::new_cyclic(|this| Self {
+            store,
+            moderation: ModerationState::load(snapshot),
+            this: this.clone(),
             reloader,
             verdicts: VerdictCounts::default(),
             epoch: Instant::now(),
@@ -105,7 +118,75 @@ impl Hub {
             live: watch::Sender::new(0),
             closing: AtomicBool::new(false),
             metrics: Metrics::default(),
+        }))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// A weak handle to this hub, for callbacks.
+    pub(crate) fn self_ref(&self) -> Weak<Hub> {
+        self.this.clone()
+    }
+
+    /// Queues `writes` and runs `then` once they are committed (or failed),
+    /// without holding up the caller. Commit latency is measured here.
+    pub fn commit_then(&self, writes: Vec<Write>, then: impl FnOnce(Committed) + Send + 'static) {
+        self.after_commit(self.store.write(writes), then);
+    }
+
+    /// Runs `then` once `commit` resolves, without holding up the caller.
+    pub fn after_commit(&self, commit: Commit, then: impl FnOnce(Committed) + Send + 'static) {
+        let started = Instant::now();
+        let hub = self.this.clone();
+        tokio::spawn(async move {
+            let result = commit.wait().await;
+            if let Some(hub) = hub.upgrade() {
+                hub.metrics.store_commit.observe(started.elapsed());
+            }
+            then(result);
+        });
+    }
+
+    /// Every registered client.
+    pub fn all_clients(&self) -> Vec<Arc<Client>> {
+        lock(&self.clients).values().cloned().collect()
+    }
+
+    /// The connections of a user.
+    pub fn clients_of(&self, user_id: &str) -> Vec<Arc<Client>> {
+        self.all_clients().into_iter().filter(|c| &*c.identity().user_id == user_id).collect()
+    }
+
+    /// Sends `frame` to every moderator and admin online.
+    pub fn broadcast_to_staff(&self, frame: &Bytes) {
+        for client in self.all_clients() {
+            if client.identity().roles.is_staff() {
+                client.outbox.push(frame.clone());
+            }
         }
+    }
+
+    /// Sends `frame` to every member of `room`, if it exists.
+    pub fn broadcast_to_room(&self, room: &str, frame: &Bytes) {
+        let room = lock(&self.rooms).get(room).cloned();
+        if let Some(room) = room {
+            let state = lock(&room.state);
+            self.fan_out(&state, frame, None);
+        }
+    }
+
+    /// Removes a message from a room's recent history; returns its author
+    /// if it was there.
+    pub(crate) fn remove_from_history(&self, room: &str, id: u64) -> Option<String> {
+        let room = lock(&self.rooms).get(room).cloned()?;
+        let mut state = lock(&room.state);
+        let index = state.history.iter().position(|(i, _)| *i == id)?;
+        let (_, frame) = state.history.remove(index)?;
+        let value: serde_json::Value = serde_json::from_slice(payload_of(&frame)).ok()?;
+        value["user"].as_str().map(str::to_owned)
     }
 
     /// The running policies: a snapshot, valid for as long as it is held.
@@ -152,13 +233,29 @@ impl Hub {
         client
     }
 
-    /// Admits an upgraded client: gives it a nickname (the requested one if
-    /// allowed, else a `guest-NNNN`) and sends `welcome`, then an `error` if the
-    /// requested nickname was refused.
-    pub fn register(&self, client: &Arc<Client>, requested_nick: Option<&str>) {
+    /// Admits an upgraded client. With a token, the client is that user;
+    /// without one, a guest (if guests are allowed) with the requested
+    /// nickname or a `guest-NNNN`; if guests are not allowed, the client
+    /// must send an `auth` frame first. Banned users are refused and closed.
+    pub fn register(&self, client: &Arc<Client>, requested_nick: Option<&str>, token: Option<&str>) {
         self.metrics.connections_opened.inc();
         if self.is_closing() {
             client.outbox.close(CloseCode::GOING_AWAY, "server shutting down", CloseReason::Shutdown, false);
+            return;
+        }
+        if let Some(token) = token {
+            if let Err(error) = self.authenticate(client, token, None) {
+                client.outbox.push(error.to_frame());
+                client.outbox.close(CloseCode::POLICY, &error.message, CloseReason::Unauthorized, false);
+            }
+            return;
+        }
+        if !self.policies().config.auth.guests {
+            // Nothing but an `auth` frame is accepted until then.
+            return;
+        }
+        let guest_id = format!("guest:{}", client.session_str());
+        if self.refuse_if_banned(client, &guest_id, true) {
             return;
         }
         let refused = requested_nick.and_then(|nick| self.claim_nick(client.id, nick, None).err());
@@ -166,11 +263,30 @@ impl Hub {
             (Some(nick), None) => nick.to_owned(),
             _ => self.claim_guest_nick(client.id),
         };
-        let identity = Identity {
-            user_id: format!("guest:{}", client.session_str()).into(),
-            nick: nick.into(),
-            roles: Roles::MEMBER,
-        };
+        let identity =
+            Identity { user_id: guest_id.into(), nick: nick.into(), roles: Roles::MEMBER, kind: IdentityKind::Guest };
+        self.welcome(client, identity);
+        if let Some(error) = refused {
+            client.outbox.push(error.to_frame());
+        }
+    }
+
+    /// Closes a banned client with the ban's reason; true if it was banned.
+    fn refuse_if_banned(&self, client: &Client, user_id: &str, guest: bool) -> bool {
+        let Some(ban) = self.moderation.ban_for(user_id, client.addr, guest, now_ms()) else { return false };
+        let until = ban.expires_at.map_or_else(
+            || "for good".to_owned(),
+            |end| format!("for {} more seconds", end.saturating_sub(now_ms()).div_ceil(1000)),
+        );
+        let message = format!("you are banned {until}: {}", ban.reason);
+        client.outbox.push(RequestError::new(ErrorCode::Banned, message.clone()).to_frame());
+        client.outbox.close(CloseCode::POLICY, &message, CloseReason::Banned, false);
+        true
+    }
+
+    /// Sets the client's identity and sends `welcome`, plus the mute in
+    /// force, if any.
+    fn welcome(&self, client: &Arc<Client>, identity: Identity) {
         let session = client.session_str();
         let limits = self.limits();
         client.outbox.push(encode(&ServerFrame::Welcome {
@@ -179,10 +295,52 @@ impl Hub {
             user: identity.view(),
             limits: &limits,
         }));
-        client.set_identity(identity);
-        if let Some(error) = refused {
-            client.outbox.push(error.to_frame());
+        let now = now_ms();
+        if let Some(mute) = self.moderation.mute_of(&identity.user_id, now) {
+            client.outbox.push(encode(&ServerFrame::Muted {
+                until: mute.until,
+                remaining_ms: mute.until - now,
+                reason: &mute.reason,
+            }));
         }
+        if identity.roles.is_staff() {
+            self.moderation.note_staff_name(impersonation_key(&identity.nick));
+        }
+        client.set_identity(identity);
+    }
+
+    /// Handles a token, from `?token=` or an `auth` frame: the client becomes
+    /// that user (a guest's nickname is released).
+    pub fn authenticate(&self, client: &Arc<Client>, token: &str, reference: Option<&Ref>) -> Result<(), RequestError> {
+        let verified = self
+            .policies()
+            .auth
+            .verify(token)
+            .map_err(|e| RequestError::new(ErrorCode::Unauthorized, e.to_string()))?;
+        let current = client.identity();
+        if current.kind == IdentityKind::User && *current.user_id != verified.user_id {
+            return Err(RequestError::new(
+                ErrorCode::BadRequest,
+                "this connection is already signed in as another user",
+            ));
+        }
+        if self.refuse_if_banned(client, &verified.user_id, false) {
+            return Ok(());
+        }
+        if current.kind == IdentityKind::Guest {
+            self.release_nick(client.id, &current.nick);
+        }
+        let _ = reference;
+        self.welcome(
+            client,
+            Identity {
+                user_id: verified.user_id.into(),
+                nick: verified.name.into(),
+                roles: verified.roles,
+                kind: IdentityKind::User,
+            },
+        );
+        Ok(())
     }
 
     /// Removes a client that disconnected: leaves its rooms (with presence
@@ -194,13 +352,7 @@ impl Hub {
         for room in rooms {
             self.remove_member(&room, client, &identity);
         }
-        {
-            let mut nicks = lock(&self.nicks);
-            let key = fold_nick(&identity.nick);
-            if nicks.get(&key) == Some(&client.id) {
-                nicks.remove(&key);
-            }
-        }
+        self.release_nick(client.id, &identity.nick);
         if lock(&self.clients).remove(&client.id).is_some() {
             self.live.send_modify(|n| *n -= 1);
         }
@@ -211,6 +363,34 @@ impl Hub {
         let reason = client.outbox.close_reason().unwrap_or(CloseReason::Gone);
         self.metrics.closed(reason);
         tracing::debug!(conn = client.id, reason = reason.as_str(), "disconnected");
+    }
+
+    /// Rooms and their members, for the admin API.
+    pub fn room_overview(&self) -> serde_json::Value {
+        let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
+        let mut overview: Vec<serde_json::Value> = rooms
+            .iter()
+            .map(|room| {
+                let members: Vec<serde_json::Value> = lock(&room.state)
+                    .members
+                    .values()
+                    .map(|c| {
+                        let identity = c.identity();
+                        serde_json::json!({"user": identity.view(), "conn": c.id, "addr": c.addr.to_string()})
+                    })
+                    .collect();
+                let settings = self.moderation.room(&room.name);
+                serde_json::json!({
+                    "room": &*room.name,
+                    "member_count": members.len(),
+                    "members": members,
+                    "slow_mode": settings.slow_mode_secs,
+                    "locked": settings.locked,
+                })
+            })
+            .collect();
+        overview.sort_by(|a, b| a["room"].as_str().cmp(&b["room"].as_str()));
+        serde_json::Value::Array(overview)
     }
 
     /// Current values for `/metrics`.
@@ -228,10 +408,27 @@ impl Hub {
         }
     }
 
+    /// Frees `nick` if connection `id` holds it.
+    fn release_nick(&self, id: ConnId, nick: &str) {
+        let mut nicks = lock(&self.nicks);
+        let key = fold_nick(nick);
+        if nicks.get(&key) == Some(&id) {
+            nicks.remove(&key);
+        }
+    }
+
     /// Claims `nick` for connection `id`, releasing `previous` if given.
+    /// Names that look like a reserved name or a staff member's are refused.
     fn claim_nick(&self, id: ConnId, nick: &str, previous: Option<&str>) -> Result<(), RequestError> {
-        validate_nick(nick, &self.policies().config.nicknames)
-            .map_err(|m| RequestError::new(ErrorCode::InvalidNick, m))?;
+        let policies = self.policies();
+        validate_nick(nick, &policies.config.nicknames).map_err(|m| RequestError::new(ErrorCode::InvalidNick, m))?;
+        let look = impersonation_key(nick);
+        if policies.auth.is_reserved(nick) || self.moderation.looks_like_staff(&look) {
+            return Err(RequestError::new(
+                ErrorCode::InvalidNick,
+                format!("{nick:?} looks like the name of a staff member or a reserved name"),
+            ));
+        }
         let key = fold_nick(nick);
         let mut nicks = lock(&self.nicks);
         match nicks.get(&key) {
@@ -268,6 +465,9 @@ impl Hub {
     /// Handles `nick`: changes the nickname and tells every room.
     pub fn set_nick(&self, client: &Arc<Client>, nick: &str, reference: Option<&Ref>) -> Result<(), RequestError> {
         let old = client.identity();
+        if old.kind == IdentityKind::User {
+            return Err(RequestError::new(ErrorCode::Forbidden, "your name comes from your account"));
+        }
         self.claim_nick(client.id, nick, Some(&old.nick))?;
         let new = Identity { nick: nick.into(), ..(*old).clone() };
         client.outbox.push(encode(&ServerFrame::Renamed { user: new.view(), previous: &old.nick, reference }));
@@ -363,8 +563,17 @@ impl Hub {
                 format!("the server holds its maximum of {} rooms", self.policies().config.rooms.max_rooms),
             ));
         }
+        let policies = self.policies();
+        let unavailable =
+            |e: StoreError| RequestError::new(ErrorCode::Unavailable, format!("cannot open the room: {e}"));
+        let last_id = self.store.last_message_id(name).map_err(unavailable)?;
+        let history = self.store.history(name, None, policies.config.rooms.history_kept).map_err(unavailable)?;
+        let history = history.into_iter().map(|m| (m.id, crate::ws::text_frame(m.json.as_bytes()))).collect();
         let name: Arc<str> = name.into();
-        let room = Arc::new(Room { name: name.clone(), state: Mutex::default() });
+        let room = Arc::new(Room {
+            name: name.clone(),
+            state: Mutex::new(RoomState { last_id, history, ..RoomState::default() }),
+        });
         rooms.insert(name, room.clone());
         Ok(room)
     }
@@ -378,8 +587,16 @@ impl Hub {
             .collect();
         let members: Vec<_> = identities.iter().map(|i| i.view()).collect();
         let skip = state.history.len().saturating_sub(self.policies().config.rooms.history_on_join);
+        let settings = self.moderation.room(&room.name);
         encode_with_list(
-            &ServerFrame::Joined { room: &room.name, member_count: state.members.len(), members: &members, reference },
+            &ServerFrame::Joined {
+                room: &room.name,
+                member_count: state.members.len(),
+                members: &members,
+                slow_mode: settings.slow_mode_secs,
+                locked: settings.locked,
+                reference,
+            },
             "history",
             state.history.iter().skip(skip).map(|(_, frame)| payload_of(frame)),
         )
@@ -436,49 +653,119 @@ impl Hub {
     ) -> Result<(), RequestError> {
         let room = client.room(name).ok_or_else(|| not_member(name))?;
         let identity = client.identity();
+        self.may_post(&identity, name)?;
         let policies = self.policies();
         let mut message = Message { content };
         let (names, count) = identity.roles.name_array();
         let ctx = filter_context(&identity, &names[..count], client, name);
         let outcome = policies.pipeline.on_message(&mut message, &ctx);
         self.record_outcome(&outcome, client.addr, Some(name));
+        let filter = outcome.decided_by.as_deref().unwrap_or("");
         match outcome.verdict {
             Verdict::Allow | Verdict::Modified => {}
             Verdict::Hold { reason } => {
-                client.outbox.push(encode(&ServerFrame::Held { room: name, reason: &reason, reference }));
+                let held = Held { room: name, content: &message.content, reason: &reason, filter, reference };
+                self.hold(client, &identity, held);
                 return Ok(());
             }
-            other => return Err(refusal(other)),
+            Verdict::Escalate { action, reason } => {
+                self.escalate(&identity, filter, action, &reason, name);
+                self.strike(&identity, filter, outcome.strikes, name);
+                return Err(refusal(Verdict::Escalate { action, reason }));
+            }
+            other => {
+                self.strike(&identity, filter, outcome.strikes, name);
+                return Err(refusal(other));
+            }
         }
 
-        let mut state = lock(&room.state);
-        let id = state.last_id + 1;
-        let ts = now_ms();
-        let frame = encode(&ServerFrame::Message {
-            room: &room.name,
-            id,
-            from: &identity.nick,
-            user: &identity.user_id,
-            content: &message.content,
-            ts,
-        });
-        state.last_id = id;
-        state.history.push_back((id, frame.clone()));
-        while state.history.len() > policies.config.rooms.history_kept {
-            state.history.pop_front();
-        }
-        self.fan_out(&state, &frame, None);
-        drop(state);
+        let (id, ts, commit) = self.publish(&room, &identity.user_id, &identity.nick, &message.content, now_ms());
         self.metrics.messages_in.inc();
-        if let Some(reference) = reference {
-            client.outbox.push(encode(&ServerFrame::Ack { reference, id, room: name, ts }));
+        for (filter, reason) in &outcome.flags {
+            self.broadcast_to_staff(&encode(&ServerFrame::Flagged {
+                room: name,
+                id,
+                user: identity.view(),
+                content: &message.content,
+                reason,
+                filter,
+            }));
         }
+        // The ack waits for the message to be durable.
+        let Some(reference) = reference.cloned() else { return Ok(()) };
+        let (client, room_name) = (client.clone(), room.name.clone());
+        self.after_commit(commit, move |result| {
+            let frame = match result {
+                Ok(_) => encode(&ServerFrame::Ack { reference: &reference, id, room: &room_name, ts }),
+                Err(e) => RequestError {
+                    reference: Some(reference),
+                    ..RequestError::new(ErrorCode::Unavailable, format!("message {id} may not have been saved: {e}"))
+                }
+                .to_frame(),
+            };
+            client.outbox.push(frame);
+        });
         Ok(())
     }
 
+    /// Appends a message to a room: the next id, the recent history, the
+    /// fan-out to every member, and the store write (queued while the room
+    /// is locked, so ids reach the store in order). Returns the id, the time
+    /// and the commit to wait for before acknowledging.
+    fn publish(&self, room: &Room, user_id: &str, nick: &str, content: &str, ts: u64) -> (u64, u64, Commit) {
+        let history_kept = self.policies().config.rooms.history_kept;
+        let mut state = lock(&room.state);
+        let id = state.last_id + 1;
+        let frame = encode(&ServerFrame::Message { room: &room.name, id, from: nick, user: user_id, content, ts });
+        let stored = StoredMessage {
+            room: room.name.to_string(),
+            id,
+            user_id: user_id.to_owned(),
+            json: String::from_utf8_lossy(payload_of(&frame)).into_owned(),
+            ts,
+        };
+        let commit = self.store.write(vec![Write::Message(stored)]);
+        state.last_id = id;
+        state.history.push_back((id, frame.clone()));
+        while state.history.len() > history_kept {
+            state.history.pop_front();
+        }
+        self.fan_out(&state, &frame, None);
+        (id, ts, commit)
+    }
+
+    /// Delivers an approved held message to its room, with its original time.
+    pub(crate) fn deliver_approved(&self, item: &crate::store::ReviewItem) {
+        let rooms = lock(&self.rooms);
+        let room = match rooms.get(item.room.as_str()) {
+            Some(room) => room.clone(),
+            None => match (self.store.last_message_id(&item.room), self.store.history(&item.room, None, 0)) {
+                (Ok(last_id), Ok(_)) => {
+                    // Nobody is in the room: publish through a room that
+                    // exists only for this message.
+                    let name: Arc<str> = item.room.as_str().into();
+                    Arc::new(Room {
+                        name,
+                        state: Mutex::new(RoomState { last_id, removed: true, ..RoomState::default() }),
+                    })
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(error = %e, room = ?item.room, "cannot deliver an approved message");
+                    return;
+                }
+            },
+        };
+        let (id, _, commit) = self.publish(&room, &item.user_id, &item.nick, &item.content, item.ts);
+        drop(rooms);
+        self.after_commit(commit, move |result| {
+            if let Err(e) = result {
+                tracing::error!(error = %e, id, "an approved message was not saved");
+            }
+        });
+    }
+
     /// Counts and logs what the pipeline decided: shadow verdicts (what
-    /// would have happened), flags, and escalations the moderation layer
-    /// does not carry out yet.
+    /// would have happened) and flags.
     pub fn record_outcome(&self, outcome: &Outcome, addr: IpAddr, room: Option<&str>) {
         self.verdicts.record(outcome);
         for (filter, verdict) in &outcome.shadow {
@@ -486,9 +773,6 @@ impl Hub {
         }
         for (filter, reason) in &outcome.flags {
             tracing::info!(filter = %filter, reason = ?reason, %addr, room = ?room, "message flagged");
-        }
-        if let (Verdict::Escalate { action, reason }, Some(filter)) = (&outcome.verdict, &outcome.decided_by) {
-            tracing::warn!(filter = %filter, ?action, reason = ?reason, %addr, "escalation not carried out: no moderation layer yet");
         }
     }
 
@@ -518,21 +802,23 @@ impl Hub {
         limit: Option<usize>,
         reference: Option<&Ref>,
     ) -> Result<(), RequestError> {
-        let room = client.room(name).ok_or_else(|| not_member(name))?;
+        client.room(name).ok_or_else(|| not_member(name))?;
         let max = self.policies().config.rooms.history_page_max;
         let limit = limit.unwrap_or(max).min(max);
-        let state = lock(&room.state);
-        let end = match before {
-            Some(before) => state.history.partition_point(|(id, _)| *id < before),
-            None => state.history.len(),
-        };
-        let start = end.saturating_sub(limit);
+        // One more than asked tells whether older messages exist.
+        let mut messages = self
+            .store
+            .history(name, before, limit + 1)
+            .map_err(|e| RequestError::new(ErrorCode::Unavailable, format!("history is unavailable: {e}")))?;
+        let more = messages.len() > limit;
+        if more {
+            messages.remove(0);
+        }
         let frame = encode_with_list(
-            &ServerFrame::History { room: name, more: start > 0, reference },
+            &ServerFrame::History { room: name, more, reference },
             "messages",
-            state.history.range(start..end).map(|(_, frame)| payload_of(frame)),
+            messages.iter().map(|m| m.json.as_bytes()),
         );
-        drop(state);
         client.outbox.push(frame);
         Ok(())
     }

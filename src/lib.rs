@@ -33,9 +33,13 @@
 //! - [`ws`]: the WebSocket protocol: handshake, frame encoding and parsing.
 //! - [`protocol`]: the JSON frames of protocol v1 and the error codes.
 //! - [`hub`]: rooms, nicknames, presence, message ids and fan-out.
+//! - [`moderation`]: bans, mutes, strikes and the ladder, room locks and slow
+//!   mode, the review queue, reports, deletion, and the audit log.
 //! - [`outbox`]: one client's bounded queue of outgoing frames.
 //! - [`client`]: one connected client as the hub sees it.
+//! - [`identity`]: tokens (JWT), roles, and the look-alike nickname check.
 //! - [`names`]: nickname and room-name rules.
+//! - [`store`]: durable state behind the `Store` trait; SQLite by default.
 //! - [`replay`]: `wardroom replay`, messages through the pipeline offline.
 
 pub mod admin;
@@ -45,7 +49,9 @@ pub mod config;
 pub mod connection;
 pub mod filters;
 pub mod hub;
+pub mod identity;
 pub mod metrics;
+pub mod moderation;
 pub mod names;
 pub mod outbox;
 pub mod pipeline;
@@ -53,6 +59,7 @@ pub mod policy;
 pub mod protocol;
 pub mod replay;
 pub mod server;
+pub mod store;
 pub mod transport;
 pub mod ws;
 

@@ -54,7 +54,12 @@ fn main() -> ExitCode {
 
 /// The server with the built-in filters and the bundled plugins.
 fn builder() -> ServerBuilder {
-    Server::builder()
+    let builder = Server::builder();
+    #[cfg(feature = "link-guard")]
+    let builder = builder.register(wardroom_link_guard::register);
+    #[cfg(feature = "repeat-guard")]
+    let builder = builder.register(wardroom_repeat_guard::register);
+    builder
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

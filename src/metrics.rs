@@ -37,6 +37,54 @@ fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// A latency histogram with fixed buckets (seconds), lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds of the buckets, in microseconds.
+    bounds: &'static [u64],
+    /// Observations per bucket (not cumulative), plus one for +Inf.
+    counts: Vec<AtomicU64>,
+    /// Sum of observations, in microseconds.
+    sum_us: AtomicU64,
+}
+
+/// Commit latency buckets: 0.1 ms to 2.5 s.
+const COMMIT_BUCKETS_US: &[u64] =
+    &[100, 250, 500, 1_000, 2_500, 5_000, 10_000, 20_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            bounds: COMMIT_BUCKETS_US,
+            counts: (0..=COMMIT_BUCKETS_US.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, value: std::time::Duration) {
+        let us = value.as_micros() as u64;
+        let bucket = self.bounds.iter().position(|b| us <= *b).unwrap_or(self.bounds.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bound) in self.bounds.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        }
+        cumulative += self.counts[self.bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
 /// Counters of the server, shared by every task.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -52,6 +100,8 @@ pub struct Metrics {
     pub deliveries: Counter,
     /// Frames written to clients.
     pub frames_out: Counter,
+    /// Time from queuing a write to its durable commit.
+    pub store_commit: Histogram,
     /// Requests answered with an `error` frame.
     pub request_errors: Counter,
 }
@@ -186,6 +236,11 @@ impl Metrics {
             "counter",
             "Requests answered with an error frame.",
             &plain(self.request_errors.get()),
+        );
+        self.store_commit.render(
+            &mut out,
+            "wardroom_store_commit_seconds",
+            "Time from queuing a store write to its durable commit (group commit included).",
         );
         out
     }

@@ -40,11 +40,17 @@ pub enum CloseReason {
     IdleTimeout,
     /// The server shut down (1001).
     Shutdown,
+    /// A moderator or the escalation ladder kicked the user (1008).
+    Kicked,
+    /// The user is banned (1008).
+    Banned,
+    /// The token was missing, forged or expired (1008).
+    Unauthorized,
 }
 
 impl CloseReason {
     /// Every reason, in declaration order (the order of metric arrays).
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::Client,
         CloseReason::Gone,
         CloseReason::ProtocolError,
@@ -54,6 +60,9 @@ impl CloseReason {
         CloseReason::FirstFrameTimeout,
         CloseReason::IdleTimeout,
         CloseReason::Shutdown,
+        CloseReason::Kicked,
+        CloseReason::Banned,
+        CloseReason::Unauthorized,
     ];
 
     /// Label for metrics and logs.
@@ -68,6 +77,9 @@ impl CloseReason {
             CloseReason::FirstFrameTimeout => "first_frame_timeout",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Kicked => "kicked",
+            CloseReason::Banned => "banned",
+            CloseReason::Unauthorized => "unauthorized",
         }
     }
 

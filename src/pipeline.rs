@@ -35,6 +35,9 @@ pub struct FilterEntry {
     /// Users with any of these roles skip the filter.
     #[serde(default)]
     pub exempt_roles: Vec<String>,
+    /// Strikes a user gets when this filter refuses a message.
+    #[serde(default = "one")]
+    pub strikes: f64,
     /// Everything else: the filter's own options.
     #[serde(flatten)]
     pub options: serde_json::Map<String, serde_json::Value>,
@@ -42,6 +45,10 @@ pub struct FilterEntry {
 
 fn yes() -> bool {
     true
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// State kept across reloads, per filter id.
@@ -65,10 +72,11 @@ struct Entry {
     enforce: bool,
     rooms: Option<HashSet<String>>,
     exempt_roles: Vec<String>,
+    strikes: f64,
 }
 
 /// What running the pipeline decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     /// The verdict that counts: the first enforced one that is not `Allow`,
     /// `Modified` or `Flag`, else `Modified` if any filter edited, else `Allow`.
@@ -79,6 +87,8 @@ pub struct Outcome {
     pub flags: Vec<(Arc<str>, String)>,
     /// What shadow-mode filters would have done (when not `Allow`).
     pub shadow: Vec<(Arc<str>, Verdict)>,
+    /// Strikes the deciding filter gives when it refuses.
+    pub strikes: f64,
 }
 
 /// A build problem: the dotted config path it concerns and what is wrong.
@@ -130,6 +140,7 @@ impl Pipeline {
                         enforce: entry.enforce,
                         rooms: entry.rooms.as_ref().map(|rooms| rooms.iter().cloned().collect()),
                         exempt_roles: entry.exempt_roles.clone(),
+                        strikes: entry.strikes,
                     });
                 }
                 Err(e) => {
@@ -189,7 +200,8 @@ impl Pipeline {
     }
 
     fn run(&self, room: Option<&str>, roles: &[&str], mut hook: impl FnMut(&dyn Filter, bool) -> Verdict) -> Outcome {
-        let mut outcome = Outcome { verdict: Verdict::Allow, decided_by: None, flags: Vec::new(), shadow: Vec::new() };
+        let mut outcome =
+            Outcome { verdict: Verdict::Allow, decided_by: None, flags: Vec::new(), shadow: Vec::new(), strikes: 0.0 };
         for entry in &self.entries {
             if !entry.enabled
                 || room.is_some_and(|room| entry.rooms.as_ref().is_some_and(|rooms| !rooms.contains(room)))
@@ -209,6 +221,7 @@ impl Pipeline {
                 other => {
                     outcome.verdict = other;
                     outcome.decided_by = Some(entry.id.clone());
+                    outcome.strikes = entry.strikes;
                     return outcome;
                 }
             }

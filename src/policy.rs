@@ -16,37 +16,53 @@ use tokio::sync::mpsc;
 use wardroom_plugin_api::Registry;
 
 use crate::config::{self, Config, Problem, Problems};
+use crate::identity::Authenticator;
 use crate::lock;
 use crate::pipeline::{FilterStates, Pipeline};
 
-/// One consistent set of policies: a config and the pipeline built from it.
+/// One consistent set of policies: a config and what is built from it.
 #[derive(Debug)]
 pub struct Policies {
     /// The configuration.
     pub config: Config,
     /// The filters of `config.filters`, built.
     pub pipeline: Pipeline,
+    /// Token verification and role grants from `[auth]`.
+    pub auth: Authenticator,
 }
 
 impl Policies {
     /// Builds the pipeline for `config`, reusing the filter state in
     /// `states`; returns the policies and the state to keep.
     pub fn build(text: &str, registry: &Registry, states: &FilterStates) -> Result<(Self, FilterStates), Vec<Problem>> {
-        let (config, (pipeline, kept)) =
-            config::parse_then(text, |config| Pipeline::build(&config.filters, registry, states))?;
-        Ok((Policies { config, pipeline }, kept))
+        let (config, (pipeline, auth, kept)) =
+            config::parse_then(text, |config| build_parts(config, registry, states))?;
+        Ok((Policies { config, pipeline, auth }, kept))
     }
 
     /// Policies from a config that is already parsed (for embedding and tests).
     pub fn from_config(config: Config, registry: &Registry) -> Result<(Self, FilterStates), Vec<Problem>> {
-        let (pipeline, kept) =
-            Pipeline::build(&config.filters, registry, &FilterStates::new()).map_err(|problems| {
-                problems
-                    .into_iter()
-                    .map(|(key, message)| Problem { line: 0, column: 0, key: Some(key), message })
-                    .collect::<Vec<_>>()
-            })?;
-        Ok((Policies { config, pipeline }, kept))
+        let (pipeline, auth, kept) = build_parts(&config, registry, &FilterStates::new()).map_err(|problems| {
+            problems
+                .into_iter()
+                .map(|(key, message)| Problem { line: 0, column: 0, key: Some(key), message })
+                .collect::<Vec<_>>()
+        })?;
+        Ok((Policies { config, pipeline, auth }, kept))
+    }
+}
+
+/// Builds what a config describes, reporting every problem.
+fn build_parts(
+    config: &Config,
+    registry: &Registry,
+    states: &FilterStates,
+) -> Result<(Pipeline, Authenticator, FilterStates), Vec<(String, String)>> {
+    let pipeline = Pipeline::build(&config.filters, registry, states);
+    let auth = Authenticator::from_config(&config.auth);
+    match (pipeline, auth) {
+        (Ok((pipeline, kept)), Ok(auth)) => Ok((pipeline, auth, kept)),
+        (pipeline, auth) => Err(pipeline.err().into_iter().flatten().chain(auth.err().into_iter().flatten()).collect()),
     }
 }
 
@@ -224,6 +240,7 @@ impl Reloader {
                 // the snapshot always describes what the server does.
                 policies.config.server = running.config.server.clone();
                 policies.config.reload = running.config.reload.clone();
+                policies.config.store = running.config.store.clone();
                 self.current.store(Arc::new(policies));
                 *states = kept;
                 *lock(&self.text) = text;
@@ -251,6 +268,9 @@ fn restart_required(running: &Config, new: &Config) -> Vec<String> {
     note("max_connections_per_ip", a.max_connections_per_ip != b.max_connections_per_ip);
     note("header_read_timeout", a.header_read_timeout != b.header_read_timeout);
     note("trusted_proxies", a.trusted_proxies != b.trusted_proxies);
+    if running.store != new.store {
+        changed.push("store".to_owned());
+    }
     if running.reload.watch != new.reload.watch {
         changed.push("reload.watch".to_owned());
     }

@@ -69,10 +69,121 @@ pub enum Request {
         #[serde(default)]
         limit: Option<usize>,
     },
+    /// Authenticate with a signed token (JWT).
+    Auth {
+        /// The token.
+        token: String,
+    },
+    /// Report a message to the moderators.
+    Report {
+        /// Room of the message.
+        room: String,
+        /// The message's id.
+        id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Moderators: disconnect a user.
+    Kick {
+        /// The user's id.
+        user: String,
+        /// Why (shown to the user).
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Moderators: stop a user from sending for a while.
+    Mute {
+        /// The user's id.
+        user: String,
+        /// Seconds (default: the configured mute).
+        #[serde(default)]
+        duration: Option<u64>,
+        /// Why (shown to the user).
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Moderators: end a mute.
+    Unmute {
+        /// The user's id.
+        user: String,
+    },
+    /// Moderators: ban a user (by id) or an address or network (for guests).
+    Ban {
+        /// The user's id.
+        #[serde(default)]
+        user: Option<String>,
+        /// An address (`203.0.113.7`) or network (`203.0.113.0/24`).
+        #[serde(default)]
+        ip: Option<String>,
+        /// Seconds (absent: permanent).
+        #[serde(default)]
+        duration: Option<u64>,
+        /// Why (shown to the user).
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Moderators: lift bans of a user, of an address, or one ban by id.
+    Unban {
+        /// The user's id.
+        #[serde(default)]
+        user: Option<String>,
+        /// The address or network.
+        #[serde(default)]
+        ip: Option<String>,
+        /// The ban's id.
+        #[serde(default)]
+        ban: Option<i64>,
+    },
+    /// Moderators: delete a message from the room and its history.
+    Delete {
+        /// Room name.
+        room: String,
+        /// The message's id.
+        id: u64,
+        /// Why.
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Moderators: one message per `seconds` per member in a room (0: off).
+    SlowMode {
+        /// Room name.
+        room: String,
+        /// Seconds between messages.
+        seconds: u32,
+    },
+    /// Moderators: make a room read-only for members.
+    Lock {
+        /// Room name.
+        room: String,
+    },
+    /// Moderators: end a lock.
+    Unlock {
+        /// Room name.
+        room: String,
+    },
+    /// Moderators: forget a user's strikes.
+    ClearStrikes {
+        /// The user's id.
+        user: String,
+    },
+    /// Moderators: approve a review item (deliver a held message, uphold a report).
+    Approve {
+        /// The item's id.
+        item: i64,
+    },
+    /// Moderators: deny a review item (drop a held message, dismiss a report).
+    Deny {
+        /// The item's id.
+        item: i64,
+        /// Why.
+        #[serde(default)]
+        reason: Option<String>,
+    },
 }
 
 /// Frame types a client may send, for error messages.
-const CLIENT_TYPES: &str = "`join`, `leave`, `message`, `nick`, `history`";
+const CLIENT_TYPES: &str = "`join`, `leave`, `message`, `nick`, `history`, `auth`, `report`, `kick`, `mute`, \
+`unmute`, `ban`, `unban`, `delete`, `slow_mode`, `lock`, `unlock`, `clear_strikes`, `approve`, `deny`";
 
 /// Stable, machine-readable error codes. `docs/protocol.md` lists each one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +208,20 @@ pub enum ErrorCode {
     NickTaken,
     /// The nickname is too short, too long, or has characters that are not allowed.
     InvalidNick,
+    /// The token is missing, forged or expired, or authentication is needed first.
+    Unauthorized,
+    /// The request needs a role the user does not have.
+    Forbidden,
+    /// The user is banned.
+    Banned,
+    /// The user is muted (with `retry_after_ms`).
+    Muted,
+    /// The room is read-only for members.
+    RoomLocked,
+    /// The user, message or review item named does not exist.
+    NotFound,
+    /// The store could not record the request; nothing was done.
+    Unavailable,
     /// A filter of the policy pipeline refused the request; the code is the
     /// filter's (`rate_limited`, `profanity`, `slow_mode`, …).
     Policy(String),
@@ -116,6 +241,13 @@ impl ErrorCode {
             ErrorCode::InvalidRoom => "invalid_room",
             ErrorCode::NickTaken => "nick_taken",
             ErrorCode::InvalidNick => "invalid_nick",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Banned => "banned",
+            ErrorCode::Muted => "muted",
+            ErrorCode::RoomLocked => "room_locked",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Policy(code) => code,
         }
     }
@@ -257,6 +389,10 @@ pub enum ServerFrame<'a> {
         member_count: usize,
         /// Up to `rooms.presence_max_members` of them.
         members: &'a [UserView<'a>],
+        /// Seconds between messages per member (0: no slow mode).
+        slow_mode: u32,
+        /// Read-only for members.
+        locked: bool,
         /// Echo of the request's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Ref>,
@@ -332,11 +468,82 @@ pub enum ServerFrame<'a> {
     Held {
         /// Room name.
         room: &'a str,
+        /// The review item's id.
+        id: i64,
         /// Why it is held.
         reason: &'a str,
         /// Echo of the message's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Ref>,
+    },
+    /// A moderation request succeeded.
+    Done {
+        /// The request's type (`kick`, `ban`, …).
+        action: &'a str,
+        /// Echo of the request's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Ref>,
+    },
+    /// A message was deleted by a moderator: remove it.
+    Deleted {
+        /// Room name.
+        room: &'a str,
+        /// The message's id.
+        id: u64,
+    },
+    /// You are muted until `until` (ms since the Unix epoch).
+    Muted {
+        /// When the mute ends.
+        until: u64,
+        /// How long from now.
+        remaining_ms: u64,
+        /// Why.
+        reason: &'a str,
+    },
+    /// Your mute ended.
+    Unmuted {},
+    /// A warning from the moderators (or the escalation ladder).
+    Warning {
+        /// Why.
+        reason: &'a str,
+    },
+    /// A room's moderation settings changed (or, on join, what they are).
+    Room {
+        /// Room name.
+        room: &'a str,
+        /// Seconds between messages per member (0: off).
+        slow_mode: u32,
+        /// Read-only for members.
+        locked: bool,
+    },
+    /// Moderators: a delivered message that a filter flagged.
+    Flagged {
+        /// Room name.
+        room: &'a str,
+        /// The message's id.
+        id: u64,
+        /// The author.
+        user: UserView<'a>,
+        /// The text as delivered.
+        content: &'a str,
+        /// Why it was flagged.
+        reason: &'a str,
+        /// The filter that flagged it.
+        filter: &'a str,
+    },
+    /// Moderators: a new item in the review queue.
+    Review {
+        /// The item.
+        item: &'a crate::store::ReviewItem,
+    },
+    /// Moderators and the author: a review item was decided.
+    Reviewed {
+        /// The item's id.
+        id: i64,
+        /// `approved` or `denied`.
+        status: crate::store::ReviewStatus,
+        /// Who decided.
+        by: &'a str,
     },
     /// A request failed.
     Error {

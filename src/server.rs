@@ -26,6 +26,8 @@ use crate::filters;
 use crate::hub::Hub;
 use crate::pipeline::FilterStates;
 use crate::policy::{self, Policies, Reloader};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
 use crate::transport::{self, Peer, UpgradeSlot};
 
 /// A configured Wardroom server, ready to run on a listener.
@@ -80,7 +82,8 @@ impl Server {
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let addr = listener.local_addr()?;
         let config = self.config();
-        let hub = Arc::new(Hub::new(self.reloader.clone()));
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store).map_err(io::Error::other)?);
+        let hub = Hub::new(self.reloader.clone(), store).map_err(io::Error::other)?;
         let admission = Arc::new(Admission::new(&config.server));
         let sweeper = tokio::spawn(sweep(hub.clone()));
         let watcher = tokio::spawn(policy::watch(self.reloader.clone()));
@@ -145,7 +148,9 @@ async fn sweep(hub: Arc<Hub>) {
     loop {
         let pause = hub.sweep();
         if last_housekeeping.elapsed() >= HOUSEKEEPING {
-            hub.policies().pipeline.housekeeping();
+            let policies = hub.policies();
+            policies.pipeline.housekeeping();
+            hub.moderation.prune(crate::protocol::now_ms(), policies.config.moderation.strike_decay);
             last_housekeeping = tokio::time::Instant::now();
         }
         tokio::time::sleep(pause).await;

@@ -55,6 +55,8 @@ pub struct Peer {
 struct WsQuery {
     /// Requested nickname.
     nick: Option<String>,
+    /// A signed token (JWT) identifying the user.
+    token: Option<String>,
 }
 
 /// Every route of the server.
@@ -80,6 +82,8 @@ pub fn routes(
     let readyz = warp::path("readyz").and(warp::path::end()).map(move || {
         if ready_hub.is_closing() {
             plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+        } else if !ready_hub.store().is_healthy() {
+            plain(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
         } else {
             plain(StatusCode::OK, "ready")
         }
@@ -180,7 +184,7 @@ fn upgrade(
     let client = hub.new_client(client_ip);
     let task_client = client.clone();
     let hub = hub.clone();
-    let task = tokio::spawn(crate::connection::upgrade(hub, task_client, on_upgrade, query.nick, ticket));
+    let task = tokio::spawn(crate::connection::upgrade(hub, task_client, on_upgrade, query.nick, query.token, ticket));
     client.set_task_if_unset(task.abort_handle());
 
     let mut response = Response::default();

@@ -9,15 +9,29 @@ use std::time::Duration;
 
 use support::Client;
 
+/// Kills the server if the test fails before stopping it.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn wardroom() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wardroom"))
 }
 
+/// A config file (with a database in the same directory) for one test.
 fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("wardroom-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("config.toml");
-    std::fs::write(&path, text).expect("write config");
+    std::fs::write(&path, format!("{text}\n[store]\npath = {:?}\n", dir.join("wardroom.db"))).expect("write config");
     path
 }
 
@@ -53,29 +67,34 @@ fn check_accepts_the_shipped_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_logs_its_address_serves_chat_and_exits_0_on_sigterm() {
     let path = temp_config("run", "[server]\nbind = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n");
-    let mut child = wardroom()
+    let child = wardroom()
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .spawn()
         .expect("start wardroom");
-    let stdout = child.stdout.take().expect("stdout");
+    let mut child = KillOnDrop(Some(child));
+    let stdout = child.0.as_mut().and_then(|c| c.stdout.take()).expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    let listening = rx.recv_timeout(Duration::from_secs(20)).expect("a first log line");
-    let line: serde_json::Value = serde_json::from_str(&listening).expect("json log line");
-    assert_eq!(line["fields"]["message"], "listening", "{listening}");
-    let addr = line["fields"]["addr"].as_str().expect("addr field").to_owned();
+    let addr = loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("a log line saying where it listens");
+        let line: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
+        if line["fields"]["message"] == "listening" {
+            break line["fields"]["addr"].as_str().expect("addr field").to_owned();
+        }
+    };
 
     let mut client = Client::connect(&format!("ws://{addr}/ws?nick=Ops")).await;
     client.join("lobby").await;
     client.post("lobby", "hello from the binary").await;
 
+    let mut child = child.0.take().expect("child");
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(status.success());
     assert_eq!(client.expect_close().await, (1001, "server shutting down".to_owned()));

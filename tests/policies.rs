@@ -13,6 +13,10 @@ use wardroom_plugin_api::{
 };
 
 const POLICY: &str = r#"
+# This test refuses many messages on purpose: no escalation ladder.
+[moderation]
+ladder = []
+
 [[filters]]
 kind = "size"
 max_chars = 40
@@ -213,9 +217,15 @@ async fn escalations_refuse_the_message_and_are_counted() {
     let mut alice = server.client("Alice").await;
     alice.join("lobby").await;
     send(&mut alice, "lobby", "buy spam now", 1).await;
+    // The escalation is carried out: Alice is muted, then told why her message was refused.
+    let muted = alice.recv().await;
+    assert_eq!((&muted["type"], &muted["reason"]), (&json!("muted"), &json!("spam")), "{muted}");
+    assert!(muted["remaining_ms"].as_u64().is_some_and(|ms| ms > 59_000), "{muted}");
     let error = expect_error(&mut alice, 1).await;
     assert_eq!(error["code"], "policy_violation");
-    alice.post("lobby", "ham is fine").await;
+    send(&mut alice, "lobby", "ham is fine", 2).await;
+    let error = expect_error(&mut alice, 2).await;
+    assert_eq!(error["code"], "muted");
     let (_, metrics) = http_get(server.addr, "/metrics").await;
     assert!(
         metrics.contains(
@@ -230,4 +240,18 @@ async fn an_unknown_filter_kind_is_refused_at_start_with_its_place() {
     let config = wardroom::config::parse("[[filters]]\nkind = \"nope\"\n").unwrap();
     let problems = Server::builder().with_config(config).expect_err("unknown kind");
     assert!(problems.to_string().contains("unknown filter kind `nope`"), "{problems}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundled_plugin_refuses_a_message_end_to_end() {
+    let config = wardroom::config::parse("[[filters]]\nkind = \"link_guard\"\nallow = [\"example.com\"]\n").unwrap();
+    let server = Server::builder().register(wardroom_link_guard::register).with_config(config).unwrap();
+    let server = TestServer::run(server).await;
+    let mut alice = server.client("Alice").await;
+    alice.join("lobby").await;
+    send(&mut alice, "lobby", "see evil [.] com for free stuff", 1).await;
+    let error = expect_error(&mut alice, 1).await;
+    assert_eq!(error["code"], "link_not_allowed");
+    assert!(error["message"].as_str().unwrap().contains("evil.com"), "{error}");
+    assert_eq!(alice.post("lobby", "docs at https://docs.example.com/start").await["type"], "ack");
 }

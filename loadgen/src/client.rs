@@ -188,7 +188,7 @@ pub async fn run(shared: Rc<Shared>, index: usize) {
     if let Some(slot) = shared.senders.borrow_mut().get_mut(index) {
         *slot = Some(Rc::clone(&conn));
     }
-    if index % shared.opts.clients.div_ceil(BACKLOG_PROBES) == 0 {
+    if index.is_multiple_of(shared.opts.clients.div_ceil(BACKLOG_PROBES)) {
         shared.backlog_probes.borrow_mut().push(Rc::clone(&conn));
     }
     let mut join = Vec::new();

@@ -117,7 +117,7 @@ pub fn parse_then<T>(
     let built = match &config {
         Some(config) => {
             for (key, message) in config.semantic_problems() {
-                place(key, &message);
+                place(&key, &message);
             }
             match build(config) {
                 Ok(built) => Some(built),

@@ -5,7 +5,7 @@
 //! text, deserialize it into [`Config`], run the semantic checks, and either
 //! return the whole config or every [`Problem`] found.
 
-mod duration;
+pub mod duration;
 mod load;
 
 use std::net::SocketAddr;
@@ -36,12 +36,94 @@ pub struct Config {
     pub nicknames: NicknamesConfig,
     /// Log output.
     pub log: LogConfig,
+    /// Identity: guests, tokens, roles.
+    pub auth: AuthConfig,
+    /// Durable storage.
+    pub store: StoreConfig,
+    /// Strikes, the escalation ladder and default sanctions.
+    pub moderation: crate::moderation::ModerationConfig,
     /// The admin HTTP API.
     pub admin: AdminConfig,
     /// How config changes are picked up.
     pub reload: ReloadConfig,
     /// The policy pipeline, in run order.
     pub filters: Vec<FilterEntry>,
+}
+
+/// `[auth]`: who may connect and as whom.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Whether clients without a token may connect, with a nickname.
+    pub guests: bool,
+    /// Shared secret for HS256 tokens (empty: HS256 tokens are refused).
+    pub jwt_secret: String,
+    /// PEM file with the RSA public key for RS256 tokens.
+    pub jwt_public_key: Option<std::path::PathBuf>,
+    /// Required `iss` claim, if set.
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    pub jwt_audience: Option<String>,
+    /// Roles granted to user ids: `"user-42" = ["moderator"]`.
+    pub roles: std::collections::BTreeMap<String, Vec<String>>,
+    /// Names guests may not use, nor anything that looks like them.
+    pub reserved_nicks: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            guests: true,
+            jwt_secret: String::new(),
+            jwt_public_key: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            roles: Default::default(),
+            reserved_nicks: ["admin", "administrator", "moderator", "mod", "staff", "system", "root", "wardroom"]
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+}
+
+/// `[store]`: where history, bans, mutes, the review queue and the audit
+/// log are kept.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The SQLite database file (created on first run, with its directory).
+    pub path: std::path::PathBuf,
+    /// `full`: every commit is on disk before it is acknowledged (survives
+    /// power loss); `normal`: commits survive a crash of the process but
+    /// maybe not of the machine.
+    pub synchronous: Synchronous,
+    /// Messages kept per room (older ones are deleted); 0 keeps all.
+    pub retain_per_room: u64,
+    /// Messages older than this are deleted; absent keeps them forever.
+    #[serde(default, with = "duration::optional")]
+    pub retain_for: Option<Duration>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: std::path::PathBuf::from("wardroom.db"),
+            synchronous: Synchronous::Full,
+            retain_per_room: 10_000,
+            retain_for: None,
+        }
+    }
+}
+
+/// SQLite's `synchronous` setting, as offered in `[store]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync at every commit.
+    Full,
+    /// fsync at checkpoints only (WAL): safe against process crashes.
+    Normal,
 }
 
 /// `[reload]`: how a running server picks up config changes.
@@ -250,11 +332,11 @@ pub enum LogFormat {
 impl Config {
     /// Semantic checks that serde cannot express: ranges and relations between
     /// keys. Returns `(dotted key, message)` for every violation.
-    fn semantic_problems(&self) -> Vec<(&'static str, String)> {
+    fn semantic_problems(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
-        let mut check = |ok: bool, key: &'static str, message: String| {
+        let mut check = |ok: bool, key: &str, message: String| {
             if !ok {
-                problems.push((key, message));
+                problems.push((key.to_owned(), message));
             }
         };
         let server = &self.server;
@@ -344,8 +426,9 @@ impl Config {
             "nicknames.max_chars",
             format!("must be between nicknames.min_chars ({}) and 64, got {}", n.min_chars, n.max_chars),
         );
+        problems.extend(self.moderation.problems());
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            problems.push(("log.level", format!("is not a valid log filter: {e}")));
+            problems.push(("log.level".to_owned(), format!("is not a valid log filter: {e}")));
         }
         problems
     }

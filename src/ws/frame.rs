@@ -161,6 +161,13 @@ fn write_header(out: &mut [u8; MAX_HEADER], opcode: OpCode, len: usize) -> usize
     }
 }
 
+/// Encodes a text frame around an already-serialized payload.
+pub fn text_frame(payload: &[u8]) -> Bytes {
+    let mut buf = FrameBuf::new();
+    buf.payload_mut().extend_from_slice(payload);
+    buf.finish(OpCode::Text)
+}
+
 /// Encodes a small frame (control frames: at most 125 bytes of payload).
 pub fn encode_control(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut buf = FrameBuf::new();

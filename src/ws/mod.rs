@@ -15,5 +15,5 @@ pub mod handshake;
 mod frame;
 mod reader;
 
-pub use frame::{CloseCode, FrameBuf, MAX_HEADER, OpCode, close_frame, encode_control, payload_of};
+pub use frame::{CloseCode, FrameBuf, MAX_HEADER, OpCode, close_frame, encode_control, payload_of, text_frame};
 pub use reader::{Event, Flow, MessageReader, Violation};

@@ -42,8 +42,12 @@ impl TestServer {
         Self::with_config(config).await
     }
 
-    /// A server with this configuration.
-    pub async fn with_config(config: Config) -> Self {
+    /// A server with this configuration (and a database file of its own,
+    /// unless the configuration names one).
+    pub async fn with_config(mut config: Config) -> Self {
+        if config.store.path == Config::default().store.path {
+            config.store.path = fresh_dir().join("wardroom.db");
+        }
         let server = Server::builder().with_config(config).unwrap_or_else(|problems| panic!("{problems}"));
         Self::run(server).await
     }
@@ -99,7 +103,18 @@ impl TestServer {
     }
 }
 
-/// A config file in a directory of its own, removed on drop.
+/// A new, empty directory under the system's temporary directory.
+pub fn fresh_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("wardroom-test-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// A config file in a directory of its own (with its database file there
+/// too, unless the text has a `[store]` section), removed on drop.
 pub struct TempConfig {
     /// The directory.
     pub dir: std::path::PathBuf,
@@ -110,24 +125,31 @@ pub struct TempConfig {
 impl TempConfig {
     /// Writes `text` to a fresh `config.toml`.
     pub fn new(text: &str) -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("wardroom-test-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let dir = fresh_dir();
         let path = dir.join("config.toml");
-        std::fs::write(&path, text).expect("write config");
-        Self { dir, path }
+        let config = Self { dir, path };
+        config.write_in_place(text);
+        config
+    }
+
+    /// `text` with this directory's database, unless it has a `[store]`.
+    pub fn with_store(&self, text: &str) -> String {
+        if text.contains("[store]") {
+            text.to_owned()
+        } else {
+            format!("{text}\n[store]\npath = {:?}\n", self.dir.join("wardroom.db"))
+        }
     }
 
     /// Rewrites the file in place (open, truncate, write).
     pub fn write_in_place(&self, text: &str) {
-        std::fs::write(&self.path, text).expect("write config");
+        std::fs::write(&self.path, self.with_store(text)).expect("write config");
     }
 
     /// Saves as editors do: write a temporary file, then rename it over.
     pub fn save_by_rename(&self, text: &str) {
         let temp = self.dir.join(".config.toml.swp");
-        std::fs::write(&temp, text).expect("write temp file");
+        std::fs::write(&temp, self.with_store(text)).expect("write temp file");
         std::fs::rename(&temp, &self.path).expect("rename over the config");
     }
 }
@@ -170,6 +192,12 @@ impl Client {
         client.welcome = client.recv().await;
         assert_eq!(client.welcome["type"], "welcome", "first frame must be welcome: {}", client.welcome);
         client
+    }
+
+    /// Connects without expecting `welcome` first (for refusals).
+    pub async fn connect_any(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connect");
+        Self { ws, welcome: Value::Null }
     }
 
     /// This client's nickname according to `welcome`.

@@ -22,11 +22,15 @@ async fn next_json(
 
 #[tokio::test]
 async fn the_plugin_verdict_reaches_the_client() {
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).expect("example config");
+    let mut config = wardroom::config::parse(&text).expect("the example config is valid");
+    // A database of the test's own, not next to the example.
+    let dir = std::env::temp_dir().join(format!("wardroom-example-{}", std::process::id()));
+    config.store.path = dir.join("wardroom.db");
     let server = wardroom::Server::builder()
         .register(wardroom_example_custom_plugin::register)
-        .load_file(config)
-        .expect("the example config is valid");
+        .with_config(config)
+        .expect("the example config builds with the plugin registered");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(server.run(listener, std::future::pending()));

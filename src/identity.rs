@@ -1,0 +1,261 @@
+//! Who a client is: signed tokens (JWT, HS256 with a shared secret or RS256
+//! with a public key), roles granted by config, and the look-alike check
+//! that keeps guests from impersonating staff.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::Deserialize;
+use unicode_normalization::UnicodeNormalization;
+
+use crate::client::Roles;
+use crate::config::AuthConfig;
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The token's `exp` has passed.
+    #[error("the token has expired")]
+    Expired,
+    /// The server accepts no tokens (no secret or key configured).
+    #[error("this server does not accept tokens")]
+    NotConfigured,
+    /// Bad signature, wrong algorithm, malformed, or a claim missing.
+    #[error("the token is not valid: {0}")]
+    Invalid(String),
+}
+
+/// A verified user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The token's `sub`.
+    pub user_id: String,
+    /// The token's `name`, or the `sub`.
+    pub name: String,
+    /// Roles from the token and from `[auth] roles`.
+    pub roles: Roles,
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// Verifies tokens and grants roles, as configured in `[auth]`.
+pub struct Authenticator {
+    /// Key for HS256 tokens.
+    secret: Option<DecodingKey>,
+    /// Key for RS256 tokens.
+    public_key: Option<DecodingKey>,
+    /// Expected `iss`, if configured.
+    issuer: Option<String>,
+    /// Expected `aud`, if configured.
+    audience: Option<String>,
+    /// Roles granted to user ids by config.
+    grants: BTreeMap<String, Roles>,
+    /// Impersonation keys of reserved names.
+    reserved: HashSet<String>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("hs256", &self.secret.is_some())
+            .field("rs256", &self.public_key.is_some())
+            .field("grants", &self.grants)
+            .finish()
+    }
+}
+
+impl Authenticator {
+    /// Builds from `[auth]`; problems come back as `(key, message)`.
+    pub fn from_config(auth: &AuthConfig) -> Result<Self, Vec<(String, String)>> {
+        let mut problems = Vec::new();
+        let secret = (!auth.jwt_secret.is_empty()).then(|| DecodingKey::from_secret(auth.jwt_secret.as_bytes()));
+        let public_key = match &auth.jwt_public_key {
+            None => None,
+            Some(path) => match read_rsa_key(path) {
+                Ok(key) => Some(key),
+                Err(message) => {
+                    problems.push(("auth.jwt_public_key".to_owned(), message));
+                    None
+                }
+            },
+        };
+        let mut grants = BTreeMap::new();
+        for (user, names) in &auth.roles {
+            let mut roles = Roles::MEMBER;
+            for name in names {
+                match Roles::from_name(name) {
+                    Some(role) => roles = roles | role,
+                    None => problems.push((
+                        format!("auth.roles.{user}"),
+                        format!("unknown role `{name}`; roles are `member`, `moderator` and `admin`"),
+                    )),
+                }
+            }
+            grants.insert(user.clone(), roles);
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Authenticator {
+            secret,
+            public_key,
+            issuer: auth.jwt_issuer.clone(),
+            audience: auth.jwt_audience.clone(),
+            grants,
+            reserved: auth.reserved_nicks.iter().map(|n| impersonation_key(n)).collect(),
+        })
+    }
+
+    /// Verifies a token: signature, algorithm, `exp` (required), and `iss`
+    /// and `aud` when configured.
+    pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        let header = decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let key = match header.alg {
+            Algorithm::HS256 => self.secret.as_ref(),
+            Algorithm::RS256 => self.public_key.as_ref(),
+            other => return Err(AuthError::Invalid(format!("algorithm {other:?} is not accepted"))),
+        };
+        let Some(key) = key else {
+            return Err(if self.secret.is_none() && self.public_key.is_none() {
+                AuthError::NotConfigured
+            } else {
+                AuthError::Invalid(format!("algorithm {:?} is not accepted", header.alg))
+            });
+        };
+        let mut validation = Validation::new(header.alg);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        match &self.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        let claims = decode::<Claims>(token, key, &validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(e.to_string()),
+            })?
+            .claims;
+        if claims.sub.is_empty() || claims.sub.starts_with("guest:") {
+            return Err(AuthError::Invalid("`sub` must be a non-empty id not starting with `guest:`".into()));
+        }
+        let mut roles = self.roles_of(&claims.sub);
+        for name in &claims.roles {
+            if let Some(role) = Roles::from_name(name) {
+                roles = roles | role;
+            }
+        }
+        let name = claims.name.filter(|n| !n.trim().is_empty()).unwrap_or_else(|| claims.sub.clone());
+        Ok(Verified { user_id: claims.sub, name, roles })
+    }
+
+    /// Roles of a user id: member, plus what `[auth] roles` grants.
+    pub fn roles_of(&self, user_id: &str) -> Roles {
+        self.grants.get(user_id).copied().unwrap_or(Roles::MEMBER)
+    }
+
+    /// Whether `nick` looks like a reserved name.
+    pub fn is_reserved(&self, nick: &str) -> bool {
+        self.reserved.contains(&impersonation_key(nick))
+    }
+}
+
+fn read_rsa_key(path: &Path) -> Result<DecodingKey, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    DecodingKey::from_rsa_pem(&pem).map_err(|e| format!("{} is not an RSA public key in PEM: {e}", path.display()))
+}
+
+/// The key under which names that look alike compare equal: NFKC, lower
+/// case, the UTS #39 confusable skeleton (`rn` ≈ `m`, Cyrillic `а` ≈ `a`,
+/// `1` ≈ `l`), then digits and `l`/`|` folded to the letters they pass for.
+/// `Adm1n`, `Аdmin` (Cyrillic А), `ADMlN` and `admin` share a key; so do
+/// `rnod` and `mod`.
+pub fn impersonation_key(name: &str) -> String {
+    let lower: String = name.nfkc().flat_map(char::to_lowercase).collect();
+    unicode_security::skeleton(&lower)
+        .flat_map(char::to_lowercase)
+        .filter(|c| c.is_alphanumeric())
+        .map(|c| match c {
+            'l' | '1' | '|' => 'i',
+            '0' => 'o',
+            '3' => 'e',
+            '4' => 'a',
+            '5' => 's',
+            '7' => 't',
+            '8' => 'b',
+            other => other,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    fn auth(secret: &str) -> Authenticator {
+        let config = AuthConfig {
+            jwt_secret: secret.to_owned(),
+            roles: [("u-mod".to_owned(), vec!["moderator".to_owned()])].into(),
+            ..AuthConfig::default()
+        };
+        Authenticator::from_config(&config).unwrap()
+    }
+
+    fn token(secret: &str, claims: serde_json::Value) -> String {
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    }
+
+    fn in_an_hour() -> u64 {
+        crate::protocol::now_ms() / 1000 + 3600
+    }
+
+    #[test]
+    fn valid_tokens_give_identity_and_roles() {
+        let a = auth("s3cret");
+        let t = token("s3cret", json!({"sub": "u-1", "name": "Ann", "roles": ["admin"], "exp": in_an_hour()}));
+        let v = a.verify(&t).unwrap();
+        assert_eq!((v.user_id.as_str(), v.name.as_str()), ("u-1", "Ann"));
+        assert!(v.roles.contains(Roles::ADMIN) && v.roles.contains(Roles::MEMBER));
+        let t = token("s3cret", json!({"sub": "u-mod", "exp": in_an_hour()}));
+        assert!(a.verify(&t).unwrap().roles.contains(Roles::MODERATOR), "granted by config");
+    }
+
+    #[test]
+    fn forged_expired_and_unsigned_tokens_are_refused() {
+        let a = auth("s3cret");
+        let forged = token("guess", json!({"sub": "u-1", "exp": in_an_hour()}));
+        assert!(matches!(a.verify(&forged), Err(AuthError::Invalid(_))));
+        let expired = token("s3cret", json!({"sub": "u-1", "exp": 1_000_000}));
+        assert_eq!(a.verify(&expired), Err(AuthError::Expired));
+        let no_exp = token("s3cret", json!({"sub": "u-1"}));
+        assert!(matches!(a.verify(&no_exp), Err(AuthError::Invalid(_))));
+        // alg=none: header {"alg":"none"}, no signature.
+        let none = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ1LTEiLCJleHAiOjk5OTk5OTk5OTl9.";
+        assert!(matches!(a.verify(none), Err(AuthError::Invalid(_))));
+        assert_eq!(auth("").verify(&forged), Err(AuthError::NotConfigured));
+        let guest = token("s3cret", json!({"sub": "guest:abc", "exp": in_an_hour()}));
+        assert!(matches!(a.verify(&guest), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn look_alike_names_share_a_key() {
+        let admin = impersonation_key("admin");
+        for disguise in ["Adm1n", "\u{410}dmin", "ADMIN", "AdmIn", "adm|n", "ａｄｍｉｎ"] {
+            assert_eq!(impersonation_key(disguise), admin, "{disguise:?}");
+        }
+        assert_eq!(impersonation_key("rnod"), impersonation_key("mod"));
+        assert_ne!(impersonation_key("alice"), impersonation_key("bob"));
+    }
+}

@@ -1,0 +1,923 @@
+//! Moderation: bans, mutes, strikes and the escalation ladder, room slow
+//! mode and locks, the review queue (held messages and reports), message
+//! deletion, and the audit log of all of it.
+//!
+//! What is checked on every connection or message (bans, mutes, room
+//! settings) is kept in memory ([`ModerationState`]) and written through to
+//! the store. Every action, manual or automatic, appends an audit entry in
+//! the same commit as the action itself; the moderator's `done` is sent only
+//! once that commit is durable.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::client::{Client, Identity};
+use crate::hub::Hub;
+use crate::lock;
+use crate::outbox::CloseReason;
+use crate::protocol::{ErrorCode, Ref, Request, RequestError, ServerFrame, encode, now_ms};
+use crate::store::{
+    AuditEntry, Ban, Mute, ReviewItem, ReviewKind, ReviewStatus, RoomSettings, Snapshot, Strikes, Write, Written,
+};
+use crate::ws::CloseCode;
+
+/// `[moderation]` in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModerationConfig {
+    /// One strike is forgiven per this much time.
+    #[serde(with = "crate::config::duration")]
+    pub strike_decay: Duration,
+    /// Mute length when a moderator gives none.
+    #[serde(with = "crate::config::duration")]
+    pub default_mute: Duration,
+    /// Strike thresholds and what crossing each one does, lowest first.
+    pub ladder: Vec<LadderStep>,
+}
+
+impl Default for ModerationConfig {
+    fn default() -> Self {
+        let step = |strikes, action, duration: Option<u64>| LadderStep {
+            strikes,
+            action,
+            duration: duration.map(Duration::from_secs),
+        };
+        ModerationConfig {
+            strike_decay: Duration::from_secs(3600),
+            default_mute: Duration::from_secs(600),
+            ladder: vec![
+                step(3.0, LadderAction::Warn, None),
+                step(5.0, LadderAction::Mute, Some(600)),
+                step(8.0, LadderAction::Kick, None),
+                step(12.0, LadderAction::Ban, Some(3600)),
+            ],
+        }
+    }
+}
+
+/// One step of the escalation ladder.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LadderStep {
+    /// Reaching this many strikes triggers the action.
+    pub strikes: f64,
+    /// What happens.
+    pub action: LadderAction,
+    /// For `mute` (required) and `ban` (absent: permanent).
+    #[serde(default, with = "crate::config::duration::optional")]
+    pub duration: Option<Duration>,
+}
+
+/// An action of the ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LadderAction {
+    /// A warning to the user.
+    Warn,
+    /// A mute for the step's duration.
+    Mute,
+    /// Disconnection.
+    Kick,
+    /// A ban for the step's duration (or for good).
+    Ban,
+}
+
+impl ModerationConfig {
+    /// Problems with the ladder, as `(key, message)`.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut previous = 0.0;
+        for (i, step) in self.ladder.iter().enumerate() {
+            let key = format!("moderation.ladder[{i}]");
+            if !(step.strikes.is_finite() && step.strikes > previous) {
+                problems.push((key.clone(), format!("strikes must be above the previous step's ({previous})")));
+            }
+            previous = step.strikes.max(previous);
+            if step.action == LadderAction::Mute && step.duration.is_none() {
+                problems.push((key, "a mute step needs a `duration`".to_owned()));
+            }
+        }
+        if self.strike_decay.is_zero() {
+            problems.push(("moderation.strike_decay".to_owned(), "must be longer than 0s".to_owned()));
+        }
+        problems
+    }
+}
+
+/// In-memory moderation state, loaded from the store at start-up.
+#[derive(Debug, Default)]
+pub struct ModerationState {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Bans that have not been lifted (expired ones are skipped and pruned).
+    bans: Vec<Ban>,
+    /// Mutes by user id.
+    mutes: HashMap<String, Mute>,
+    /// Strikes by user id.
+    strikes: HashMap<String, Strikes>,
+    /// Room settings that differ from the default.
+    rooms: HashMap<String, RoomSettings>,
+    /// Last message time (ms) per (room, user), for rooms in slow mode.
+    last_post: HashMap<(String, String), u64>,
+    /// Impersonation keys of staff nicknames seen.
+    staff_names: HashSet<String>,
+}
+
+impl ModerationState {
+    /// State from the store's snapshot.
+    pub fn load(snapshot: Snapshot) -> Self {
+        let inner = Inner {
+            bans: snapshot.bans,
+            mutes: snapshot.mutes.into_iter().map(|m| (m.user_id.clone(), m)).collect(),
+            strikes: snapshot.strikes.into_iter().collect(),
+            rooms: snapshot.rooms.into_iter().map(|r| (r.room.clone(), r)).collect(),
+            ..Inner::default()
+        };
+        ModerationState { inner: Mutex::new(inner) }
+    }
+
+    /// The ban keeping out a user (by id) or a guest (by address), if any.
+    pub fn ban_for(&self, user_id: &str, addr: IpAddr, guest: bool, now: u64) -> Option<Ban> {
+        let inner = lock(&self.inner);
+        inner
+            .bans
+            .iter()
+            .filter(|ban| ban.expires_at.is_none_or(|end| end > now))
+            .find(|ban| {
+                ban.user_id.as_deref() == Some(user_id)
+                    || (guest
+                        && ban.cidr.as_deref().and_then(|c| c.parse::<IpNet>().ok()).is_some_and(|n| n.contains(&addr)))
+            })
+            .cloned()
+    }
+
+    /// The user's mute, if it has not ended.
+    pub fn mute_of(&self, user_id: &str, now: u64) -> Option<Mute> {
+        lock(&self.inner).mutes.get(user_id).filter(|m| m.until > now).cloned()
+    }
+
+    /// Mutes in force at `now`, soonest ending first.
+    pub fn mutes(&self, now: u64) -> Vec<Mute> {
+        let mut mutes: Vec<Mute> = lock(&self.inner).mutes.values().filter(|m| m.until > now).cloned().collect();
+        mutes.sort_by_key(|m| m.until);
+        mutes
+    }
+
+    /// A room's settings (defaults if never changed).
+    pub fn room(&self, room: &str) -> RoomSettings {
+        lock(&self.inner)
+            .rooms
+            .get(room)
+            .cloned()
+            .unwrap_or_else(|| RoomSettings { room: room.to_owned(), ..Default::default() })
+    }
+
+    /// Slow mode: `Some(wait_ms)` if the user posted in `room` less than
+    /// `seconds` ago; otherwise records this post and returns `None`.
+    pub fn slow_mode_wait(&self, room: &str, user_id: &str, seconds: u32, now: u64) -> Option<u64> {
+        let mut inner = lock(&self.inner);
+        let key = (room.to_owned(), user_id.to_owned());
+        let interval = u64::from(seconds) * 1000;
+        if let Some(last) = inner.last_post.get(&key)
+            && now < last + interval
+        {
+            return Some(last + interval - now);
+        }
+        inner.last_post.insert(key, now);
+        None
+    }
+
+    /// Adds `points` strikes (after decay) and returns (before, after) and
+    /// the strikes to store.
+    fn add_strikes(&self, user_id: &str, points: f64, decay: Duration, now: u64) -> (f64, f64, Strikes) {
+        let mut inner = lock(&self.inner);
+        let current = inner.strikes.get(user_id).map(|s| decayed(*s, decay, now));
+        let before = current.map_or(0.0, |s| s.points);
+        let since = current.filter(|s| s.points > 0.0).map_or(now, |s| s.updated_at);
+        let strikes = Strikes { points: before + points, updated_at: since };
+        inner.strikes.insert(user_id.to_owned(), strikes);
+        (before, strikes.points, strikes)
+    }
+
+    /// Whether `nick` looks like a staff member's name seen so far.
+    pub fn looks_like_staff(&self, key: &str) -> bool {
+        lock(&self.inner).staff_names.contains(key)
+    }
+
+    /// Remembers a staff member's name, so guests cannot imitate it.
+    pub fn note_staff_name(&self, key: String) {
+        lock(&self.inner).staff_names.insert(key);
+    }
+
+    /// Drops ended bans and mutes, idle slow-mode entries and spent strikes.
+    pub fn prune(&self, now: u64, decay: Duration) {
+        let mut inner = lock(&self.inner);
+        inner.bans.retain(|b| b.expires_at.is_none_or(|end| end > now));
+        inner.mutes.retain(|_, m| m.until > now);
+        let rooms = inner.rooms.clone();
+        inner.last_post.retain(|(room, _), last| {
+            let seconds = rooms.get(room).map_or(0, |r| r.slow_mode_secs);
+            now < *last + u64::from(seconds) * 1000
+        });
+        inner.strikes.retain(|_, s| decayed(*s, decay, now).points > 0.0);
+    }
+}
+
+/// Strikes left at `now`: one whole strike is forgiven per full `decay`
+/// period; `updated_at` moves to the start of the period still running.
+fn decayed(strikes: Strikes, decay: Duration, now: u64) -> Strikes {
+    let period = (decay.as_millis() as u64).max(1);
+    let forgiven = now.saturating_sub(strikes.updated_at) / period;
+    Strikes { points: (strikes.points - forgiven as f64).max(0.0), updated_at: strikes.updated_at + forgiven * period }
+}
+
+/// A message a filter put on hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Held<'a> {
+    /// Its room.
+    pub room: &'a str,
+    /// Its text.
+    pub content: &'a str,
+    /// The filter's reason.
+    pub reason: &'a str,
+    /// The filter's id.
+    pub filter: &'a str,
+    /// The message's `ref`.
+    pub reference: Option<&'a Ref>,
+}
+
+/// Who acts: a user, or the server on behalf of a filter or the ladder.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// User id, `filter:<id>`, `ladder` or `admin-api`.
+    pub id: String,
+    /// For automatic actions: the filter or ladder step that caused it.
+    pub rule: Option<String>,
+}
+
+impl Actor {
+    fn user(identity: &Identity) -> Self {
+        Actor { id: identity.user_id.to_string(), rule: None }
+    }
+}
+
+/// What a moderation action does to a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sanction {
+    /// A warning.
+    Warn,
+    /// No sending until the duration ends.
+    Mute(Duration),
+    /// Disconnected.
+    Kick,
+    /// Disconnected and kept out (for the duration, or for good).
+    Ban(Option<Duration>),
+}
+
+impl Sanction {
+    fn name(self) -> &'static str {
+        match self {
+            Sanction::Warn => "warn",
+            Sanction::Mute(_) => "mute",
+            Sanction::Kick => "kick",
+            Sanction::Ban(_) => "ban",
+        }
+    }
+}
+
+fn audit(
+    actor: &Actor,
+    action: &str,
+    target: Option<String>,
+    room: Option<&str>,
+    reason: &str,
+    details: Option<String>,
+) -> Write {
+    Write::Audit(AuditEntry {
+        id: 0,
+        at: now_ms(),
+        actor: actor.id.clone(),
+        action: action.to_owned(),
+        target,
+        room: room.map(str::to_owned),
+        reason: reason.to_owned(),
+        rule: actor.rule.clone(),
+        details,
+    })
+}
+
+fn not_found(what: impl Into<String>) -> RequestError {
+    RequestError::new(ErrorCode::NotFound, what)
+}
+
+fn human(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        s if s % 86_400 == 0 && s > 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 && s > 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 && s > 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+impl Hub {
+    /// Handles a moderation request or a report from `client`. Members may
+    /// only report; anything else needs the moderator or admin role, and an
+    /// attempt without it is refused with `forbidden` and audited.
+    pub fn moderate(
+        &self,
+        client: &Arc<Client>,
+        request: Request,
+        reference: Option<&Ref>,
+    ) -> Result<(), RequestError> {
+        let identity = client.identity();
+        let actor = Actor::user(&identity);
+        let action = request.kind();
+        if !matches!(request, Request::Report { .. }) && !identity.roles.is_staff() {
+            // Refused, and answered once the attempt is on record.
+            let write = audit(&actor, "forbidden", None, None, &format!("`{action}` needs the moderator role"), None);
+            let error = RequestError {
+                reference: reference.cloned(),
+                ..RequestError::new(ErrorCode::Forbidden, format!("`{action}` is for moderators"))
+            };
+            let client = client.clone();
+            self.commit_then(vec![write], move |_| {
+                client.outbox.push(error.to_frame());
+            });
+            return Ok(());
+        }
+        let writes = self.apply(&actor, Some(&identity), request)?;
+        // A new review item (a report) goes to the moderators once stored.
+        let new_item = writes.iter().enumerate().find_map(|(i, w)| match w {
+            Write::Review(item) => Some((i, item.clone())),
+            _ => None,
+        });
+        let done = encode(&ServerFrame::Done { action, reference });
+        let client = client.clone();
+        let hub = self.self_ref();
+        self.commit_then(writes, move |result| match result {
+            Ok(results) => {
+                client.outbox.push(done);
+                if let (Some((index, item)), Some(hub)) = (new_item, hub.upgrade()) {
+                    let id = match results.get(index) {
+                        Some(Written::Id(id)) => *id,
+                        _ => 0,
+                    };
+                    hub.broadcast_to_staff(&encode(&ServerFrame::Review { item: &ReviewItem { id, ..item } }));
+                }
+            }
+            Err(e) => {
+                client.outbox.push(RequestError::new(ErrorCode::Unavailable, format!("not recorded: {e}")).to_frame());
+            }
+        });
+        Ok(())
+    }
+
+    /// Carries out a moderation request for `actor` (a moderator, or the
+    /// admin API) and returns the writes recording it. `reporter` is the
+    /// user making a report.
+    pub fn apply(
+        &self,
+        actor: &Actor,
+        reporter: Option<&Identity>,
+        request: Request,
+    ) -> Result<Vec<Write>, RequestError> {
+        let writes = match request {
+            Request::Report { room, id, reason } => match reporter {
+                Some(reporter) => self.report(reporter, &room, id, &reason)?,
+                None => return Err(RequestError::new(ErrorCode::BadRequest, "reports come from users")),
+            },
+            Request::Kick { user, reason } => {
+                let reason = reason.unwrap_or_else(|| "kicked by a moderator".to_owned());
+                self.sanction(&user, Sanction::Kick, actor, &reason, None)?
+            }
+            Request::Mute { user, duration, reason } => {
+                let duration = duration.map_or(self.policies().config.moderation.default_mute, Duration::from_secs);
+                let reason = reason.unwrap_or_else(|| "muted by a moderator".to_owned());
+                self.sanction(&user, Sanction::Mute(duration), actor, &reason, None)?
+            }
+            Request::Unmute { user } => self.unmute(&user, actor)?,
+            Request::Ban { user, ip, duration, reason } => {
+                let reason = reason.unwrap_or_else(|| "banned by a moderator".to_owned());
+                let duration = duration.map(Duration::from_secs);
+                match (user, ip) {
+                    (Some(user), None) => self.sanction(&user, Sanction::Ban(duration), actor, &reason, None)?,
+                    (None, Some(ip)) => self.ban_address(&ip, duration, actor, &reason)?,
+                    _ => return Err(RequestError::new(ErrorCode::BadRequest, "give either `user` or `ip`")),
+                }
+            }
+            Request::Unban { user, ip, ban } => self.unban(user.as_deref(), ip.as_deref(), ban, actor)?,
+            Request::Delete { room, id, reason } => {
+                self.delete_message(&room, id, actor, reason.as_deref().unwrap_or("deleted by a moderator"))?
+            }
+            Request::SlowMode { room, seconds } => {
+                let what = format!("slow mode: one message per {seconds}s");
+                self.set_room(&room, actor, "slow_mode", &what, |r| r.slow_mode_secs = seconds)?
+            }
+            Request::Lock { room } => {
+                self.set_room(&room, actor, "lock", "read-only for members", |r| r.locked = true)?
+            }
+            Request::Unlock { room } => self.set_room(&room, actor, "unlock", "open again", |r| r.locked = false)?,
+            Request::ClearStrikes { user } => {
+                let mut inner = lock(&self.moderation.inner);
+                inner.strikes.remove(&user);
+                drop(inner);
+                vec![
+                    Write::Strikes { user_id: user.clone(), strikes: Strikes { points: 0.0, updated_at: now_ms() } },
+                    audit(actor, "clear_strikes", Some(user), None, "strikes cleared", None),
+                ]
+            }
+            Request::Approve { item } => self.decide(item, ReviewStatus::Approved, actor, None)?,
+            Request::Deny { item, reason } => self.decide(item, ReviewStatus::Denied, actor, reason.as_deref())?,
+            other => {
+                return Err(RequestError::new(
+                    ErrorCode::BadRequest,
+                    format!("`{}` is not a moderation request", other.kind()),
+                ));
+            }
+        };
+        Ok(writes)
+    }
+
+    /// A moderation request from the admin API: carried out as `admin-api`
+    /// and answered once durable.
+    pub async fn apply_as_admin(&self, request: Request) -> Result<(), RequestError> {
+        let actor = Actor { id: "admin-api".to_owned(), rule: None };
+        let writes = self.apply(&actor, None, request)?;
+        self.store()
+            .write(writes)
+            .wait()
+            .await
+            .map(|_| ())
+            .map_err(|e| RequestError::new(ErrorCode::Unavailable, format!("not recorded: {e}")))
+    }
+
+    /// Applies a sanction to every connection of `user_id` and returns the
+    /// writes recording it.
+    pub fn sanction(
+        &self,
+        user_id: &str,
+        sanction: Sanction,
+        actor: &Actor,
+        reason: &str,
+        room: Option<&str>,
+    ) -> Result<Vec<Write>, RequestError> {
+        let targets = self.clients_of(user_id);
+        let now = now_ms();
+        let mut writes = Vec::new();
+        let details = match sanction {
+            Sanction::Mute(d) | Sanction::Ban(Some(d)) => Some(format!("{{\"duration_ms\":{}}}", d.as_millis())),
+            _ => None,
+        };
+        match sanction {
+            Sanction::Warn => {
+                let frame = encode(&ServerFrame::Warning { reason });
+                for client in &targets {
+                    client.outbox.push(frame.clone());
+                }
+            }
+            Sanction::Mute(duration) => {
+                let mute = Mute {
+                    user_id: user_id.to_owned(),
+                    until: now + duration.as_millis() as u64,
+                    reason: reason.to_owned(),
+                    actor: actor.id.clone(),
+                    created_at: now,
+                };
+                lock(&self.moderation.inner).mutes.insert(user_id.to_owned(), mute.clone());
+                let frame = encode(&ServerFrame::Muted { until: mute.until, remaining_ms: mute.until - now, reason });
+                for client in &targets {
+                    client.outbox.push(frame.clone());
+                }
+                writes.push(Write::Mute(mute));
+            }
+            Sanction::Kick => {
+                if targets.is_empty() {
+                    return Err(not_found(format!("user {user_id:?} is not connected")));
+                }
+                for client in &targets {
+                    client.outbox.close(CloseCode::POLICY, &format!("kicked: {reason}"), CloseReason::Kicked, false);
+                }
+            }
+            Sanction::Ban(duration) => {
+                // A guest is banned by address too, so that reconnecting
+                // under another nickname does not help.
+                let cidr = if user_id.starts_with("guest:") {
+                    targets.first().map(|c| IpNet::from(c.addr).to_string())
+                } else {
+                    None
+                };
+                let ban = Ban {
+                    id: 0,
+                    user_id: Some(user_id.to_owned()),
+                    cidr,
+                    reason: reason.to_owned(),
+                    actor: actor.id.clone(),
+                    created_at: now,
+                    expires_at: duration.map(|d| now + d.as_millis() as u64),
+                };
+                lock(&self.moderation.inner).bans.push(ban.clone());
+                let why = match duration {
+                    Some(d) => format!("banned for {}: {reason}", human(d)),
+                    None => format!("banned: {reason}"),
+                };
+                for client in &targets {
+                    client.outbox.close(CloseCode::POLICY, &why, CloseReason::Banned, false);
+                }
+                writes.push(Write::Ban(ban));
+            }
+        }
+        writes.push(audit(actor, sanction.name(), Some(user_id.to_owned()), room, reason, details));
+        tracing::info!(actor = %actor.id, action = sanction.name(), target = ?user_id, reason = ?reason, "moderation");
+        Ok(writes)
+    }
+
+    fn ban_address(
+        &self,
+        ip: &str,
+        duration: Option<Duration>,
+        actor: &Actor,
+        reason: &str,
+    ) -> Result<Vec<Write>, RequestError> {
+        let net: IpNet = ip
+            .parse()
+            .or_else(|_| ip.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| RequestError::new(ErrorCode::BadRequest, format!("{ip:?} is not an address or network")))?;
+        let now = now_ms();
+        let ban = Ban {
+            id: 0,
+            user_id: None,
+            cidr: Some(net.to_string()),
+            reason: reason.to_owned(),
+            actor: actor.id.clone(),
+            created_at: now,
+            expires_at: duration.map(|d| now + d.as_millis() as u64),
+        };
+        lock(&self.moderation.inner).bans.push(ban.clone());
+        for client in self.all_clients().iter().filter(|c| c.identity().is_guest() && net.contains(&c.addr)) {
+            client.outbox.close(CloseCode::POLICY, &format!("banned: {reason}"), CloseReason::Banned, false);
+        }
+        Ok(vec![Write::Ban(ban), audit(actor, "ban", Some(net.to_string()), None, reason, None)])
+    }
+
+    fn unban(
+        &self,
+        user: Option<&str>,
+        ip: Option<&str>,
+        id: Option<i64>,
+        actor: &Actor,
+    ) -> Result<Vec<Write>, RequestError> {
+        let now = now_ms();
+        let net = ip.and_then(|ip| ip.parse::<IpNet>().or_else(|_| ip.parse::<IpAddr>().map(IpNet::from)).ok());
+        let matches = |ban: &Ban| {
+            id.is_some_and(|id| ban.id == id)
+                || user.is_some_and(|u| ban.user_id.as_deref() == Some(u))
+                || net.is_some_and(|n| ban.cidr.as_deref().and_then(|c| c.parse::<IpNet>().ok()) == Some(n))
+        };
+        // Ban ids come from the store; the bans in memory are matched to
+        // them by what they ban.
+        let stored: Vec<Ban> = self
+            .store()
+            .bans(Some(now))
+            .map_err(|e| RequestError::new(ErrorCode::Unavailable, e.to_string()))?
+            .into_iter()
+            .filter(|b| matches(b))
+            .collect();
+        let same = |a: &Ban, b: &Ban| a.user_id == b.user_id && a.cidr == b.cidr && a.created_at == b.created_at;
+        let mut inner = lock(&self.moderation.inner);
+        let before = inner.bans.len();
+        inner.bans.retain(|b| !(matches(b) || stored.iter().any(|s| same(s, b))));
+        let removed = before - inner.bans.len();
+        drop(inner);
+        if stored.is_empty() && removed == 0 {
+            return Err(not_found("no matching ban"));
+        }
+        let mut writes: Vec<Write> = stored.iter().map(|b| Write::LiftBan { id: b.id, at: now }).collect();
+        let target = user.map(str::to_owned).or(ip.map(str::to_owned)).or(id.map(|i| format!("ban:{i}")));
+        writes.push(audit(actor, "unban", target, None, "ban lifted", None));
+        Ok(writes)
+    }
+
+    fn unmute(&self, user_id: &str, actor: &Actor) -> Result<Vec<Write>, RequestError> {
+        if lock(&self.moderation.inner).mutes.remove(user_id).is_none() {
+            return Err(not_found(format!("user {user_id:?} is not muted")));
+        }
+        let frame = encode(&ServerFrame::Unmuted {});
+        for client in self.clients_of(user_id) {
+            client.outbox.push(frame.clone());
+        }
+        Ok(vec![
+            Write::Unmute { user_id: user_id.to_owned() },
+            audit(actor, "unmute", Some(user_id.to_owned()), None, "mute lifted", None),
+        ])
+    }
+
+    fn set_room(
+        &self,
+        room: &str,
+        actor: &Actor,
+        action: &str,
+        what: &str,
+        change: impl FnOnce(&mut RoomSettings),
+    ) -> Result<Vec<Write>, RequestError> {
+        crate::names::validate_room(room, self.policies().config.rooms.max_name_chars)
+            .map_err(|m| RequestError::new(ErrorCode::InvalidRoom, m))?;
+        let settings = {
+            let mut inner = lock(&self.moderation.inner);
+            let settings = inner
+                .rooms
+                .entry(room.to_owned())
+                .or_insert_with(|| RoomSettings { room: room.to_owned(), ..Default::default() });
+            change(settings);
+            settings.clone()
+        };
+        let frame = encode(&ServerFrame::Room { room, slow_mode: settings.slow_mode_secs, locked: settings.locked });
+        self.broadcast_to_room(room, &frame);
+        Ok(vec![Write::RoomSettings(settings), audit(actor, action, Some(room.to_owned()), Some(room), what, None)])
+    }
+
+    fn delete_message(&self, room: &str, id: u64, actor: &Actor, reason: &str) -> Result<Vec<Write>, RequestError> {
+        let author = self
+            .remove_from_history(room, id)
+            .or_else(|| self.store().message(room, id).ok().flatten().map(|m| m.user_id));
+        let Some(author) = author else {
+            return Err(not_found(format!("no message {id} in room {room:?}")));
+        };
+        self.broadcast_to_room(room, &encode(&ServerFrame::Deleted { room, id }));
+        Ok(vec![
+            Write::DeleteMessage { room: room.to_owned(), id },
+            audit(actor, "delete", Some(author), Some(room), reason, Some(format!("{{\"message_id\":{id}}}"))),
+        ])
+    }
+
+    fn report(&self, reporter: &Identity, room: &str, id: u64, reason: &str) -> Result<Vec<Write>, RequestError> {
+        let message = self
+            .store()
+            .message(room, id)
+            .map_err(|e| RequestError::new(ErrorCode::Unavailable, e.to_string()))?
+            .ok_or_else(|| not_found(format!("no message {id} in room {room:?}")))?;
+        let value: serde_json::Value = serde_json::from_str(&message.json).unwrap_or_default();
+        let now = now_ms();
+        let item = ReviewItem {
+            id: 0,
+            kind: ReviewKind::Report,
+            room: room.to_owned(),
+            message_id: Some(id),
+            user_id: message.user_id.clone(),
+            nick: value["from"].as_str().unwrap_or_default().to_owned(),
+            content: value["content"].as_str().unwrap_or_default().to_owned(),
+            reason: reason.to_owned(),
+            filter: None,
+            reporter: Some(reporter.user_id.to_string()),
+            ts: message.ts,
+            created_at: now,
+            status: ReviewStatus::Pending,
+            decided_by: None,
+            decided_at: None,
+        };
+        let actor = Actor::user(reporter);
+        Ok(vec![
+            Write::Review(item),
+            audit(
+                &actor,
+                "report",
+                Some(message.user_id),
+                Some(room),
+                reason,
+                Some(format!("{{\"message_id\":{id}}}")),
+            ),
+        ])
+    }
+
+    /// Approves or denies a review item: an approved held message reaches
+    /// the room with its original time; an upheld report deletes the message.
+    fn decide(
+        &self,
+        id: i64,
+        status: ReviewStatus,
+        actor: &Actor,
+        reason: Option<&str>,
+    ) -> Result<Vec<Write>, RequestError> {
+        let item = self
+            .store()
+            .review_item(id)
+            .map_err(|e| RequestError::new(ErrorCode::Unavailable, e.to_string()))?
+            .ok_or_else(|| not_found(format!("no review item {id}")))?;
+        if item.status != ReviewStatus::Pending {
+            return Err(RequestError::new(ErrorCode::BadRequest, format!("review item {id} was already decided")));
+        }
+        let now = now_ms();
+        let mut writes = vec![Write::Decide { id, status, by: actor.id.clone(), at: now }];
+        match (item.kind, status) {
+            (ReviewKind::Held, ReviewStatus::Approved) => {
+                self.deliver_approved(&item);
+            }
+            (ReviewKind::Report, ReviewStatus::Approved) => {
+                if let Some(message_id) = item.message_id
+                    && let Ok(mut delete) = self.delete_message(&item.room, message_id, actor, "report upheld")
+                {
+                    writes.append(&mut delete);
+                }
+            }
+            _ => {}
+        }
+        let action = if status == ReviewStatus::Approved { "approve" } else { "deny" };
+        writes.push(audit(
+            actor,
+            action,
+            Some(format!("review:{id}")),
+            Some(&item.room),
+            reason.unwrap_or(action),
+            None,
+        ));
+        let frame = encode(&ServerFrame::Reviewed { id, status, by: &actor.id });
+        self.broadcast_to_staff(&frame);
+        for client in self.clients_of(&item.user_id) {
+            if !client.identity().roles.is_staff() {
+                client.outbox.push(frame.clone());
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Puts a message on hold: the review item and an audit entry are
+    /// stored; once they are, the author gets `held` (with the item's id)
+    /// and the moderators online get `review`.
+    pub fn hold(&self, client: &Arc<Client>, identity: &Identity, held: Held<'_>) {
+        let Held { room, content, reason, filter, reference } = held;
+        let now = now_ms();
+        let item = ReviewItem {
+            id: 0,
+            kind: ReviewKind::Held,
+            room: room.to_owned(),
+            message_id: None,
+            user_id: identity.user_id.to_string(),
+            nick: identity.nick.to_string(),
+            content: content.to_owned(),
+            reason: reason.to_owned(),
+            filter: Some(filter.to_owned()),
+            reporter: None,
+            ts: now,
+            created_at: now,
+            status: ReviewStatus::Pending,
+            decided_by: None,
+            decided_at: None,
+        };
+        let actor = Actor { id: format!("filter:{filter}"), rule: Some(filter.to_owned()) };
+        let writes = vec![
+            Write::Review(item.clone()),
+            audit(&actor, "hold", Some(item.user_id.clone()), Some(room), reason, None),
+        ];
+        let (client, room, reason, reference) =
+            (client.clone(), room.to_owned(), reason.to_owned(), reference.cloned());
+        let hub = self.self_ref();
+        self.commit_then(writes, move |result| {
+            let Ok(results) = result else {
+                client.outbox.push(
+                    RequestError::new(ErrorCode::Unavailable, "the message could not be queued for review").to_frame(),
+                );
+                return;
+            };
+            let id = match results.first() {
+                Some(Written::Id(id)) => *id,
+                _ => 0,
+            };
+            client.outbox.push(encode(&ServerFrame::Held {
+                room: &room,
+                id,
+                reason: &reason,
+                reference: reference.as_ref(),
+            }));
+            if let Some(hub) = hub.upgrade() {
+                let item = ReviewItem { id, ..item };
+                hub.broadcast_to_staff(&encode(&ServerFrame::Review { item: &item }));
+            }
+        });
+    }
+
+    /// Strikes for a refused message, and what the ladder does about them.
+    pub fn strike(&self, identity: &Identity, filter: &str, points: f64, room: &str) {
+        if points <= 0.0 || identity.roles.is_staff() {
+            return;
+        }
+        let policies = self.policies();
+        let config = &policies.config.moderation;
+        let now = now_ms();
+        let (before, after, strikes) = self.moderation.add_strikes(&identity.user_id, points, config.strike_decay, now);
+        let mut writes = vec![Write::Strikes { user_id: identity.user_id.to_string(), strikes }];
+        for step in config.ladder.iter().filter(|s| before < s.strikes && s.strikes <= after) {
+            let sanction = match step.action {
+                LadderAction::Warn => Sanction::Warn,
+                LadderAction::Mute => Sanction::Mute(step.duration.unwrap_or(config.default_mute)),
+                LadderAction::Kick => Sanction::Kick,
+                LadderAction::Ban => Sanction::Ban(step.duration),
+            };
+            let actor =
+                Actor { id: "ladder".to_owned(), rule: Some(format!("{} strikes (last: {filter})", step.strikes)) };
+            let reason = format!("{} strikes for messages refused by the filters", step.strikes);
+            if let Ok(mut more) = self.sanction(&identity.user_id, sanction, &actor, &reason, Some(room)) {
+                writes.append(&mut more);
+            }
+        }
+        self.store().write(writes);
+    }
+
+    /// Carries out a filter's `escalate` verdict.
+    pub fn escalate(
+        &self,
+        identity: &Identity,
+        filter: &str,
+        action: wardroom_plugin_api::Escalation,
+        reason: &str,
+        room: &str,
+    ) {
+        use wardroom_plugin_api::Escalation;
+        let sanction = match action {
+            Escalation::Warn => Sanction::Warn,
+            Escalation::Mute(d) => Sanction::Mute(d),
+            Escalation::Kick => Sanction::Kick,
+            Escalation::Ban(d) => Sanction::Ban(d),
+            _ => {
+                tracing::warn!(filter = %filter, ?action, "escalation of an unknown kind ignored");
+                return;
+            }
+        };
+        let actor = Actor { id: format!("filter:{filter}"), rule: Some(filter.to_owned()) };
+        match self.sanction(&identity.user_id, sanction, &actor, reason, Some(room)) {
+            Ok(writes) => {
+                self.store().write(writes);
+            }
+            Err(e) => tracing::info!(filter = %filter, error = %e.message, "escalation not carried out"),
+        }
+    }
+
+    /// Whether `client` may post in `room` now: mutes, locks and the
+    /// room's slow mode (staff are exempt from locks and slow mode).
+    pub fn may_post(&self, identity: &Identity, room: &str) -> Result<(), RequestError> {
+        let now = now_ms();
+        if let Some(mute) = self.moderation.mute_of(&identity.user_id, now) {
+            let remaining = mute.until - now;
+            return Err(RequestError {
+                retry_after_ms: Some(remaining),
+                ..RequestError::new(
+                    ErrorCode::Muted,
+                    format!("you are muted for {} more seconds: {}", remaining.div_ceil(1000), mute.reason),
+                )
+            });
+        }
+        if identity.roles.is_staff() {
+            return Ok(());
+        }
+        let settings = self.moderation.room(room);
+        if settings.locked {
+            return Err(RequestError::new(ErrorCode::RoomLocked, format!("room {room:?} is read-only")));
+        }
+        if settings.slow_mode_secs > 0
+            && let Some(wait) = self.moderation.slow_mode_wait(room, &identity.user_id, settings.slow_mode_secs, now)
+        {
+            return Err(RequestError {
+                retry_after_ms: Some(wait),
+                ..RequestError::new(
+                    ErrorCode::Policy("slow_mode".into()),
+                    format!("slow mode: one message every {}s in this room", settings.slow_mode_secs),
+                )
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Request {
+    /// The request's `type`, as clients write it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Join { .. } => "join",
+            Request::Leave { .. } => "leave",
+            Request::Message { .. } => "message",
+            Request::Nick { .. } => "nick",
+            Request::History { .. } => "history",
+            Request::Auth { .. } => "auth",
+            Request::Report { .. } => "report",
+            Request::Kick { .. } => "kick",
+            Request::Mute { .. } => "mute",
+            Request::Unmute { .. } => "unmute",
+            Request::Ban { .. } => "ban",
+            Request::Unban { .. } => "unban",
+            Request::Delete { .. } => "delete",
+            Request::SlowMode { .. } => "slow_mode",
+            Request::Lock { .. } => "lock",
+            Request::Unlock { .. } => "unlock",
+            Request::ClearStrikes { .. } => "clear_strikes",
+            Request::Approve { .. } => "approve",
+            Request::Deny { .. } => "deny",
+        }
+    }
+}
