@@ -38,6 +38,9 @@ use crate::ws::{CloseCode, Event, Flow, MessageReader, OpCode, Violation, encode
 /// Size of the per-thread read buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
 
+/// Largest batch buffer (in frames) a connection keeps between bursts.
+const KEPT_BATCH_CAPACITY: usize = 16;
+
 /// Most frames handed to one `writev`.
 const MAX_IOVECS: usize = 64;
 
@@ -254,9 +257,12 @@ impl Connection {
                 self.close_written = true;
                 return Poll::Ready(Ok(()));
             }
-            // Give the emptied buffer back to the allocator rather than to
-            // the outbox: an idle connection then holds no queue memory.
-            self.batch = VecDeque::new();
+            // The emptied buffer goes back to the outbox for the next frames,
+            // unless a burst made it large: then to the allocator, so that a
+            // quiet connection holds little queue memory.
+            if self.batch.capacity() > KEPT_BATCH_CAPACITY {
+                self.batch = VecDeque::new();
+            }
             match self.session.client.outbox.poll_next(cx, &mut self.batch) {
                 Poll::Ready(Next::Frames) => {}
                 Poll::Ready(Next::Closing) => self.close_taken = true,

@@ -27,6 +27,7 @@
 //!   address behind trusted proxies.
 //! - [`metrics`]: counters and the `/metrics` text.
 //! - [`admin`]: the admin HTTP API (bearer token).
+//! - [`web`]: the browser client's files, built in, served at `/`.
 //! - [`transport`]: the warp routes (`/ws`, `/healthz`, `/readyz`) and the
 //!   WebSocket upgrade, plus `/metrics`.
 //! - [`connection`]: one upgraded connection: reader and writer over the raw socket.
@@ -61,6 +62,7 @@ pub mod replay;
 pub mod server;
 pub mod store;
 pub mod transport;
+pub mod web;
 pub mod ws;
 
 pub use server::Server;

@@ -100,9 +100,20 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     let server = builder().load_file(path).map_err(|problems| anyhow::anyhow!("{problems}"))?;
     let config = server.config();
     init_logging(&config);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.server.workers > 0 {
-        runtime.worker_threads(config.server.workers);
+    // One worker: the current-thread scheduler does the same work with less
+    // bookkeeping (no work stealing, no cross-thread wake-ups).
+    let mut runtime = match config.server.workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        workers => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if workers > 0 {
+                builder.worker_threads(workers);
+            }
+            builder
+        }
+    };
+    if let Ok(interval) = std::env::var("WARDROOM_EVENT_INTERVAL").map(|v| v.parse::<u32>()) {
+        runtime.event_interval(interval.unwrap_or(61));
     }
     let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {

@@ -78,6 +78,17 @@ pub fn routes(
 
     let healthz = warp::path("healthz").and(warp::path::end()).map(|| plain(StatusCode::OK, "ok"));
 
+    let web_hub = hub.clone();
+    let web = warp::path::tail().and_then(move |tail: warp::path::Tail| {
+        let enabled = web_hub.policies().config.web.enabled;
+        async move {
+            match crate::web::asset(tail.as_str()).filter(|_| enabled) {
+                Some(asset) => Ok(asset.response()),
+                None => Err(warp::reject::not_found()),
+            }
+        }
+    });
+
     let ready_hub = hub.clone();
     let readyz = warp::path("readyz").and(warp::path::end()).map(move || {
         if ready_hub.is_closing() {
@@ -101,7 +112,7 @@ pub fn routes(
         });
 
     warp::get()
-        .and(healthz.or(readyz).unify().or(metrics).unify().or(ws).unify())
+        .and(healthz.or(readyz).unify().or(metrics).unify().or(ws).unify().or(web).unify())
         .or(admin::routes(admin_hub))
         .unify()
         .recover(|rejection: warp::Rejection| async move {

@@ -379,6 +379,7 @@ fn handle_frame(shared: &Shared, conn: &Rc<Conn>, opcode: u8, payload: &[u8], no
     match opcode {
         OP_TEXT => match classify(payload) {
             Kind::Message => on_message(shared, payload, now),
+            Kind::Ack => on_ack(shared, payload, now),
             kind => note_kind(shared, conn, kind, payload),
         },
         OP_PING => {
@@ -410,7 +411,7 @@ fn note_kind(shared: &Shared, conn: &Conn, kind: Kind, payload: &[u8]) {
         }
         // A message frame too large to keep.
         Kind::Message => shared.c.foreign.inc(),
-        Kind::Other => {}
+        Kind::Ack | Kind::Other => {}
     }
 }
 
@@ -432,7 +433,21 @@ fn on_message(shared: &Shared, payload: &[u8], now: u64) {
     }
 }
 
-/// Builds the frame for one chat message into `frame` (using `scratch`).
+/// Records the acknowledgement of one of our messages.
+#[inline]
+fn on_ack(shared: &Shared, payload: &[u8], now: u64) {
+    let Some(stamp) = frame::ref_start(payload).and_then(|r| parse_content(r, shared.run_tag)) else {
+        return;
+    };
+    shared.c.acked_total.inc();
+    if shared.in_window(stamp.sent_ns) {
+        shared.c.acked_window.inc();
+        shared.ack_latency.borrow_mut().record(now.saturating_sub(stamp.sent_ns));
+    }
+}
+
+/// Builds the frame for one chat message into `frame` (using `scratch`);
+/// with `ack`, the message carries its stamp as its `ref`.
 pub fn build_message(
     frame: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
@@ -440,10 +455,15 @@ pub fn build_message(
     run: u64,
     stamp: frame::Stamp,
     size: usize,
+    ack: bool,
 ) -> bool {
     scratch.clear();
     scratch.extend_from_slice(b"{\"type\":\"message\",\"room\":\"r");
     frame::push_decimal(scratch, room as u64);
+    if ack {
+        scratch.extend_from_slice(b"\",\"ref\":\"");
+        frame::write_stamp(scratch, run, stamp);
+    }
     scratch.extend_from_slice(b"\",\"content\":\"");
     if !frame::write_content(scratch, run, stamp, size) {
         return false;

@@ -77,6 +77,8 @@ pub enum Kind {
     Joined,
     /// A refused request.
     Error,
+    /// The acknowledgement of a message we sent with a `ref`.
+    Ack,
     /// Anything else (welcome, presence, history, ...), or no `type` found.
     Other,
 }
@@ -106,6 +108,7 @@ pub fn classify(payload: &[u8]) -> Kind {
         b"message" => Kind::Message,
         b"joined" => Kind::Joined,
         b"error" => Kind::Error,
+        b"ack" => Kind::Ack,
         _ => Kind::Other,
     }
 }
@@ -116,6 +119,14 @@ pub fn classify(payload: &[u8]) -> Kind {
 #[inline]
 pub fn content_start(payload: &[u8]) -> Option<&[u8]> {
     const KEY: &[u8] = b"\"content\":\"";
+    let at = find(payload, KEY)?;
+    Some(&payload[at + KEY.len()..])
+}
+
+/// The payload from the start of the `"ref":"` field's value to the end.
+#[inline]
+pub fn ref_start(payload: &[u8]) -> Option<&[u8]> {
+    const KEY: &[u8] = b"\"ref\":\"";
     let at = find(payload, KEY)?;
     Some(&payload[at + KEY.len()..])
 }

@@ -221,6 +221,8 @@ struct Outcome {
     rss_settled: Option<u64>,
     /// Mean room size seen by the senders' messages.
     fanout: f64,
+    /// The generator busy-polled (its CPU figure says nothing).
+    busy_poll: bool,
     /// Whether the precise timer was used.
     precise_timer: bool,
 }
@@ -239,6 +241,15 @@ async fn run(opts: Options) -> ExitCode {
         eprintln!("warning: cannot read /proc/{p}/status; server figures will be missing");
     }
     let rss_peak = Rc::new(Cell::new(rss_start.unwrap_or(0)));
+    if opts.busy_poll {
+        // A task that is always ready: the runtime then polls for I/O with a
+        // zero timeout instead of sleeping in epoll.
+        tokio::task::spawn_local(async {
+            loop {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
     if let Some(p) = pid {
         tokio::task::spawn_local(sample_rss(p, Rc::clone(&rss_peak)));
     }
@@ -290,6 +301,7 @@ async fn run(opts: Options) -> ExitCode {
         rss_peak: None,
         rss_settled: None,
         fanout,
+        busy_poll: opts.busy_poll,
         precise_timer: false,
     };
 
@@ -423,9 +435,10 @@ fn ms(ns: u64) -> String {
     format!("{:.3} ms", ns as f64 / 1e6)
 }
 
-/// Whether the generator itself was (nearly) saturated.
+/// Whether the generator itself was (nearly) saturated. A busy-polling
+/// generator always uses all of its CPU: only its backlog tells.
 fn saturated(outcome: &Outcome) -> bool {
-    outcome.own_cpu.is_some_and(|c| c > SATURATED_CPU_PERCENT)
+    !outcome.busy_poll && outcome.own_cpu.is_some_and(|c| c > SATURATED_CPU_PERCENT)
 }
 
 /// Percent of the generator's CPU used by anything else (other processes,
@@ -530,6 +543,20 @@ fn human_report(shared: &Shared, o: &Outcome) -> String {
             ms(latency.mean() as u64),
             latency.count()
         );
+        if shared.opts.ack {
+            let acks = shared.ack_latency.borrow();
+            let _ = writeln!(
+                out,
+                "acks         {} of {} in-window messages acknowledged ({:.0}/s); p50 {}  p99 {}  p99.9 {}  max {}",
+                c.acked_window.get(),
+                c.sent_window.get(),
+                c.acked_window.get() as f64 / window,
+                ms(acks.quantile(0.5)),
+                ms(acks.quantile(0.99)),
+                ms(acks.quantile(0.999)),
+                ms(acks.max())
+            );
+        }
         let _ = writeln!(
             out,
             "server       RSS start {}, end {}, peak {}; CPU {} over the window",
@@ -599,6 +626,7 @@ fn json_report(shared: &Shared, o: &Outcome) -> String {
     let latency = shared.latency.borrow();
     let lag = shared.send_lag.borrow();
     let backlog = shared.backlog.borrow();
+    let acks = shared.ack_latency.borrow();
     let us = |ns: u64| format!("{:.1}", ns as f64 / 1e3);
     let num = |v: Option<f64>| v.map_or_else(|| "null".to_owned(), |v| format!("{v:.2}"));
     let int = |v: Option<u64>| v.map_or_else(|| "null".to_owned(), |v| v.to_string());
@@ -632,7 +660,8 @@ fn json_report(shared: &Shared, o: &Outcome) -> String {
              \"expected\":{},\"received\":{},\"delivery_ratio\":{:.6},\"delivered_per_s\":{:.0},\"received_total\":{},\
              \"latency_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{},\"mean\":{},\"count\":{}}},\
              \"send_lag_us\":{{\"p50\":{},\"p99\":{},\"max\":{}}},\"precise_timer\":{},\
-             \"backlog_bytes\":{{\"mean\":{:.0},\"p99\":{},\"max\":{}}},",
+             \"backlog_bytes\":{{\"mean\":{:.0},\"p99\":{},\"max\":{}}},\
+             \"acked\":{},\"ack_latency_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},",
             opts.senders,
             opts.rate,
             opts.size,
@@ -660,7 +689,12 @@ fn json_report(shared: &Shared, o: &Outcome) -> String {
             o.precise_timer,
             backlog.mean(),
             backlog.quantile(0.99),
-            backlog.max()
+            backlog.max(),
+            c.acked_window.get(),
+            us(acks.quantile(0.5)),
+            us(acks.quantile(0.99)),
+            us(acks.quantile(0.999)),
+            us(acks.max())
         );
     }
     let _ = write!(
@@ -687,11 +721,12 @@ fn json_report(shared: &Shared, o: &Outcome) -> String {
     }
     let _ = write!(
         out,
-        "}},\"window_s\":{:.3},\"loadgen_cpu_pct\":{},\"loadgen_saturated\":{},\"loadgen_reads\":{},\
+        "}},\"window_s\":{:.3},\"loadgen_cpu_pct\":{},\"loadgen_saturated\":{},\"busy_poll\":{},\"loadgen_reads\":{},\
          \"deliveries_per_read\":{:.2},\"loadgen_cpu_index\":{},\"loadgen_cpu_busy_pct\":{},\"other_load_pct\":{}}}",
         o.window_secs,
         num(o.own_cpu),
         saturated(o),
+        o.busy_poll,
         o.window_reads,
         ratio(o.window_received, o.window_reads),
         int(o.pinned_cpu.map(|c| c as u64)),

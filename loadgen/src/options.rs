@@ -34,6 +34,14 @@ Modes and output
                         RSS per connection after --settle seconds
   --settle SECS         idle mode: wait before sampling RSS [3]
   --json                also print one JSON line with the results
+  --ack                 send every message with a `ref` and measure the time
+                        to its `ack` (the server acknowledges only once the
+                        message is durably stored)
+  --busy-poll           never sleep in epoll: the generator's CPU stays at
+                        100 %, and the server stops paying for waking it up
+                        after every write (a cross-CPU wake-up, expensive in
+                        a VM), as it would not for remote clients; judge
+                        saturation by the backlog line, not the CPU figure
   -h, --help            this text
 ";
 
@@ -76,6 +84,10 @@ pub struct Options {
     pub idle: bool,
     /// Print a JSON line too.
     pub json: bool,
+    /// Keep the runtime busy so it polls sockets without sleeping.
+    pub busy_poll: bool,
+    /// Ask for and time acknowledgements.
+    pub ack: bool,
 }
 
 /// Parses the arguments (without the program name). `Ok(None)` means help
@@ -98,6 +110,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, 
     let mut server_pid = None;
     let mut idle = false;
     let mut json = false;
+    let mut busy_poll = false;
+    let mut ack = false;
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -109,6 +123,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, 
             "-h" | "--help" => return Ok(None),
             "--idle" => idle = true,
             "--json" => json = true,
+            "--busy-poll" => busy_poll = true,
+            "--ack" => ack = true,
             _ => {
                 let value = match inline {
                     Some(v) => v,
@@ -191,6 +207,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, 
         server_pid,
         idle,
         json,
+        busy_poll,
+        ack,
     }))
 }
 

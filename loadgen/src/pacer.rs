@@ -89,7 +89,15 @@ impl Pacer {
                 shared.c.skipped.inc();
                 continue;
             };
-            let built = build_message(&mut self.frame, &mut self.scratch, conn.room, shared.run_tag, stamp, size);
+            let built = build_message(
+                &mut self.frame,
+                &mut self.scratch,
+                conn.room,
+                shared.run_tag,
+                stamp,
+                size,
+                shared.opts.ack,
+            );
             if !built || !conn.send(&self.frame) {
                 shared.c.skipped.inc();
                 continue;

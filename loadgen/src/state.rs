@@ -83,6 +83,10 @@ pub struct Counters {
     /// Scheduled messages not sent because their sender's connection was
     /// down or not joined.
     pub skipped: Counter,
+    /// Acknowledgements received, all of them.
+    pub acked_total: Counter,
+    /// Acknowledgements of messages scheduled inside the window.
+    pub acked_window: Counter,
 }
 
 /// The shared state.
@@ -105,6 +109,8 @@ pub struct Shared {
     pub latency: RefCell<Histogram>,
     /// How late the pacer sent in-window messages, ns.
     pub send_lag: RefCell<Histogram>,
+    /// Time from scheduled send to `ack`, for in-window messages, ns.
+    pub ack_latency: RefCell<Histogram>,
     /// Joined members per room.
     pub room_members: RefCell<Vec<u64>>,
     /// Connections whose receive queue is sampled (up to [`BACKLOG_PROBES`],
@@ -140,6 +146,7 @@ impl Shared {
             c: Counters::default(),
             latency: RefCell::new(Histogram::new()),
             send_lag: RefCell::new(Histogram::new()),
+            ack_latency: RefCell::new(Histogram::new()),
             room_members: RefCell::new(vec![0; rooms]),
             backlog_probes: RefCell::new(Vec::new()),
             backlog: RefCell::new(Histogram::new()),

@@ -44,6 +44,8 @@ pub struct Config {
     pub moderation: crate::moderation::ModerationConfig,
     /// The admin HTTP API.
     pub admin: AdminConfig,
+    /// The browser client served at `/`.
+    pub web: WebConfig,
     /// How config changes are picked up.
     pub reload: ReloadConfig,
     /// The policy pipeline, in run order.
@@ -124,6 +126,20 @@ pub enum Synchronous {
     Full,
     /// fsync at checkpoints only (WAL): safe against process crashes.
     Normal,
+}
+
+/// `[web]`: the chat page served at `/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Serve the web client (its files are built into the binary).
+    pub enabled: bool,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// `[reload]`: how a running server picks up config changes.

@@ -3,6 +3,7 @@
 //! well-behaved client library refuses to send.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod process;
 pub mod raw;
 
 use std::net::SocketAddr;

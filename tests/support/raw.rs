@@ -229,9 +229,21 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// An HTTP/1.1 request with `extra_headers` (each ending in `\r\n`) and no
 /// body; returns the status code and the body.
 pub async fn http_request(addr: SocketAddr, method: &str, path: &str, extra_headers: &str) -> (u16, String) {
+    http_request_with_body(addr, method, path, extra_headers, "").await
+}
+
+/// An HTTP/1.1 request with a body; returns the status code and the body.
+pub async fn http_request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: &str,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n{extra_headers}\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n{extra_headers}\r\n{body}",
+        body.len()
     );
     stream.write_all(request.as_bytes()).await.expect("send request");
     let mut response = Vec::new();

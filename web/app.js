@@ -1,0 +1,1 @@
+// Wardroom web client.
