@@ -112,9 +112,6 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             builder
         }
     };
-    if let Ok(interval) = std::env::var("WARDROOM_EVENT_INTERVAL").map(|v| v.parse::<u32>()) {
-        runtime.event_interval(interval.unwrap_or(61));
-    }
     let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.bind)
