@@ -179,9 +179,12 @@ fn read_rsa_key(path: &Path) -> Result<DecodingKey, String> {
 /// case, the UTS #39 confusable skeleton (`rn` ≈ `m`, Cyrillic `а` ≈ `a`,
 /// `1` ≈ `l`), then digits and `l`/`|` folded to the letters they pass for.
 /// `Adm1n`, `Аdmin` (Cyrillic А), `ADMlN` and `admin` share a key; so do
-/// `rnod` and `mod`.
+/// `rnod` and `mod`. Final sigma `ς` counts as `σ` (as in Unicode case
+/// folding): `str::to_lowercase` writes `ΣΑΣ` as `σας`, and a name must
+/// keep its key in any case.
 pub fn impersonation_key(name: &str) -> String {
-    let lower: String = name.nfkc().flat_map(char::to_lowercase).collect();
+    let lower: String =
+        name.nfkc().flat_map(char::to_lowercase).map(|c| if c == '\u{3C2}' { '\u{3C3}' } else { c }).collect();
     unicode_security::skeleton(&lower)
         .flat_map(char::to_lowercase)
         .filter(|c| c.is_alphanumeric())
@@ -256,6 +259,7 @@ mod tests {
             assert_eq!(impersonation_key(disguise), admin, "{disguise:?}");
         }
         assert_eq!(impersonation_key("rnod"), impersonation_key("mod"));
+        assert_eq!(impersonation_key("ΣΑΣ"), impersonation_key("σας"), "final sigma");
         assert_ne!(impersonation_key("alice"), impersonation_key("bob"));
     }
 }

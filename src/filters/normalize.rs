@@ -75,12 +75,16 @@ fn feed(input: &str, builder: &mut Builder) {
             builder.push(lower, ascii_class(lower), from);
         } else {
             decompose_compatible(c, |d| {
-                if !is_combining_mark(d) {
-                    for lower in d.to_lowercase() {
-                        let ch = lookalike(lower);
-                        if !is_invisible(ch) {
-                            builder.push(ch, class(ch), from);
-                        }
+                if is_combining_mark(d) {
+                    builder.skip(from);
+                    return;
+                }
+                for lower in d.to_lowercase() {
+                    let ch = lookalike(lower);
+                    if is_invisible(ch) {
+                        builder.skip(from);
+                    } else {
+                        builder.push(ch, class(ch), from);
                     }
                 }
             });
@@ -162,6 +166,17 @@ impl Builder {
             }
             Class::Glue => {}
             Class::Space => self.end_token(),
+        }
+    }
+
+    /// A dropped character (invisible, or a combining mark on its own):
+    /// it takes no room, so the characters on either side stay adjacent.
+    /// Otherwise `f\u{200B}u\u{200B}c\u{200B}k` would count as spelled
+    /// out with gaps, like `f u c k`, and be joined to a one-character
+    /// token that follows (`fuckx`), hiding a whole word.
+    fn skip(&mut self, from: (u32, u32)) {
+        if self.token.is_some() && self.token_end == from.0 {
+            self.token_end = from.1;
         }
     }
 
