@@ -305,8 +305,24 @@ impl Hub {
         }
         if identity.roles.is_staff() {
             self.moderation.note_staff_name(impersonation_key(&identity.nick));
+            self.send_pending_review(client);
         }
         client.set_identity(identity);
+    }
+
+    /// Moderators and admins get the pending review queue (oldest first) as
+    /// `review` frames when they arrive, so that a page opened, reloaded or
+    /// reconnected after an item was queued still shows it.
+    fn send_pending_review(&self, client: &Client) {
+        const MOST: usize = 100;
+        match self.store().review_items(Some(crate::store::ReviewStatus::Pending)) {
+            Ok(items) => {
+                for item in items.iter().take(MOST) {
+                    client.outbox.push(encode(&ServerFrame::Review { item }));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "the pending review queue could not be read"),
+        }
     }
 
     /// Handles a token, from `?token=` or an `auth` frame: the client becomes
