@@ -27,7 +27,6 @@ use crate::hub::Hub;
 use crate::pipeline::FilterStates;
 use crate::policy::{self, Policies, Reloader};
 use crate::store::Store;
-use crate::store::sqlite::SqliteStore;
 use crate::transport::{self, Peer, UpgradeSlot};
 
 /// A configured Wardroom server, ready to run on a listener.
@@ -82,7 +81,7 @@ impl Server {
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let addr = listener.local_addr()?;
         let config = self.config();
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store).map_err(io::Error::other)?);
+        let store: Arc<dyn Store> = crate::store::open(&config.store).map_err(io::Error::other)?;
         let hub = Hub::new(self.reloader.clone(), store).map_err(io::Error::other)?;
         let admission = Arc::new(Admission::new(&config.server));
         let sweeper = tokio::spawn(sweep(hub.clone()));

@@ -1,5 +1,7 @@
-//! The SQLite store from the outside: acknowledged writes survive the
-//! process being killed, and (opt-in) the acknowledged-write throughput.
+//! The SQLite store from the outside: the cases every store shares
+//! (`support/store_cases.rs`, run on PostgreSQL by `store_postgres.rs`),
+//! acknowledged writes survive the process being killed, and (opt-in) the
+//! acknowledged-write throughput.
 //!
 //! Throughput (prints figures; skipped unless the variable is set):
 //!
@@ -28,6 +30,39 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use wardroom::config::{StoreConfig, Synchronous};
 use wardroom::store::sqlite::SqliteStore;
 use wardroom::store::{AuditEntry, Store, StoredMessage, Write, Written};
+
+#[macro_use]
+#[path = "support/store_cases.rs"]
+mod store_cases;
+
+/// SQLite on a file of its own for each shared case.
+struct Sqlite(TempDir);
+
+impl store_cases::Backend for Sqlite {
+    type Store = SqliteStore;
+    const PRUNE_CHUNK: usize = wardroom::store::sqlite::PRUNE_CHUNK;
+
+    fn open(&self, retain_per_room: u64, retain_for: Option<Duration>) -> SqliteStore {
+        let mut config = config(self.0.db(), Synchronous::Normal);
+        config.retain_per_room = retain_per_room;
+        config.retain_for = retain_for;
+        SqliteStore::open(&config).expect("open")
+    }
+
+    fn run_retention(store: &SqliteStore) -> Result<u64, wardroom::store::StoreError> {
+        store.run_retention()
+    }
+
+    fn close(store: &SqliteStore) {
+        store.close();
+    }
+
+    fn pruned(store: &SqliteStore) -> u64 {
+        store.stats().pruned
+    }
+}
+
+store_cases!(Sqlite(TempDir::new("cases")));
 
 /// Set (to the database path) in the child process of the crash test.
 const CHILD_DB: &str = "WARDROOM_STORE_CRASH_DB";

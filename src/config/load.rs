@@ -119,6 +119,9 @@ pub fn parse_then<T>(
             for (key, message) in config.semantic_problems() {
                 place(&key, &message);
             }
+            for (key, message) in config.store.problems(|key| has_key(doc.get_ref(), key)) {
+                place(&key, &message);
+            }
             match build(config) {
                 Ok(built) => Some(built),
                 Err(build_problems) => {
@@ -211,6 +214,17 @@ fn key_span(table: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
     }
 }
 
+/// Whether the file sets the key at a dotted path of tables, such as
+/// `store.path`.
+fn has_key(table: &DeTable<'_>, path: &str) -> bool {
+    let (head, rest) = split_path(path);
+    match (table.get(head).map(Spanned::get_ref), rest) {
+        (Some(DeValue::Table(inner)), Some(rest)) => has_key(inner, rest),
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
 /// Splits `a[1].b.c` into `a[1]` and `b.c`.
 fn split_path(path: &str) -> (&str, Option<&str>) {
     match path.split_once('.') {
@@ -262,6 +276,38 @@ mod tests {
         let problems = parse_then(text, |_| Err::<(), _>(vec![("filters[1].missing".to_owned(), "x".to_owned())]))
             .expect_err("the build fails");
         assert_eq!(problems[0].line, 4, "falls back to the entry: {problems:#?}");
+    }
+
+    #[test]
+    fn store_path_and_url_together_are_a_problem() {
+        let text = "[store]\npath = \"a.db\"\nurl = \"postgres://u@127.0.0.1/db\"\n";
+        let problems = parse(text).expect_err("both set");
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!((problems[0].line, problems[0].column), (3, 1));
+        assert_eq!(problems[0].key.as_deref(), Some("store.url"));
+        assert!(problems[0].message.contains("store.path"), "{}", problems[0]);
+
+        let config = parse("[store]\nurl = \"postgresql://u@127.0.0.1:5433/db\"\n").expect("url alone");
+        assert_eq!(config.store.url.as_deref(), Some("postgresql://u@127.0.0.1:5433/db"));
+        assert!(parse("[store]\npath = \"a.db\"\n").expect("path alone").store.url.is_none());
+        // A Unix socket, and libpq's parameters.
+        parse("[store]\nurl = \"postgres://u@/db?host=/run/postgresql&options=-csearch_path%3Dwr\"\n")
+            .expect("socket URL");
+    }
+
+    #[test]
+    fn store_url_is_checked() {
+        for (url, says) in [
+            ("mysql://u@host/db", "postgres://"),
+            ("127.0.0.1:5432", "URL"),
+            ("postgres://u@host:notaport/db", "not a valid"),
+            ("postgres://u@host/db?sslmode=require", "TLS"),
+        ] {
+            let problems = parse(&format!("[store]\n\nurl = {url:?}\n")).expect_err(url);
+            assert_eq!(problems.len(), 1, "{url}: {problems:#?}");
+            assert_eq!((problems[0].line, problems[0].column, problems[0].key.as_deref()), (3, 1, Some("store.url")));
+            assert!(problems[0].message.contains(says), "{url}: {}", problems[0]);
+        }
     }
 
     #[test]

@@ -96,6 +96,9 @@ impl Default for AuthConfig {
 pub struct StoreConfig {
     /// The SQLite database file (created on first run, with its directory).
     pub path: std::path::PathBuf,
+    /// A PostgreSQL database (`postgres://user@host:5432/dbname`) instead of
+    /// the SQLite file; set `path` or `url`, not both.
+    pub url: Option<String>,
     /// `full`: every commit is on disk before it is acknowledged (survives
     /// power loss); `normal`: commits survive a crash of the process but
     /// maybe not of the machine.
@@ -111,6 +114,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: std::path::PathBuf::from("wardroom.db"),
+            url: None,
             synchronous: Synchronous::Full,
             retain_per_room: 10_000,
             retain_for: None,
@@ -118,7 +122,28 @@ impl Default for StoreConfig {
     }
 }
 
-/// SQLite's `synchronous` setting, as offered in `[store]`.
+impl StoreConfig {
+    /// Checks of `[store]` that need to know which keys the file sets
+    /// (`present("store.path")`); `(dotted key, message)` for each problem.
+    fn problems(&self, present: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if let Some(url) = &self.url {
+            if present("store.path") {
+                problems.push((
+                    "store.url".to_owned(),
+                    "cannot be set together with store.path: set path for SQLite or url for PostgreSQL".to_owned(),
+                ));
+            }
+            if let Err(message) = crate::store::postgres::parse_url(url) {
+                problems.push(("store.url".to_owned(), message));
+            }
+        }
+        problems
+    }
+}
+
+/// SQLite's `synchronous` setting, as offered in `[store]`; with PostgreSQL,
+/// `normal` turns `synchronous_commit` off for the writer's session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {

@@ -8,12 +8,15 @@
 //! what it checks on every message (bans, mutes, recent history) in memory,
 //! loading it from the store at start-up.
 //!
-//! [`sqlite`] is the embedded default. Another implementation (PostgreSQL)
-//! plugs in behind the same trait without touching the hub.
+//! [`sqlite`] is the embedded default; [`postgres`] (`[store] url`) is the
+//! same behind the same trait, for several nodes sharing one database.
+//! [`open`] picks the one the config names.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -21,6 +24,17 @@ use tokio::sync::oneshot;
 /// Schema version this build writes; a database from a newer version is
 /// refused rather than touched.
 pub const SCHEMA_VERSION: u32 = 1;
+
+pub use sqlite::StoreStats;
+
+/// Opens the store `[store]` selects: PostgreSQL when `url` is set, else
+/// the SQLite file at `path`.
+pub fn open(config: &crate::config::StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match config.url {
+        Some(_) => Arc::new(self::postgres::PostgresStore::open(config)?),
+        None => Arc::new(sqlite::SqliteStore::open(config)?),
+    })
+}
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
