@@ -8,6 +8,9 @@
 //!   It never waits for the writer, except by design: while the client's own
 //!   outbox is at least half full, the reader pauses, so a client that sends
 //!   faster than it reads is slowed by TCP instead of buffered without bound.
+//!   It also pauses after [`REQUESTS_PER_POLL`] requests and yields the
+//!   worker thread, so a client that keeps requests in flight (history
+//!   pages, say) is served in turn with everyone else rather than first.
 //!
 //! One task instead of a reader task and a writer task saves a task and a
 //! shared socket per connection (`docs/design.md`). Deadlines (first frame,
@@ -43,6 +46,11 @@ const KEPT_BATCH_CAPACITY: usize = 16;
 
 /// Most frames handed to one `writev`.
 const MAX_IOVECS: usize = 64;
+
+/// Most data frames (requests) one poll of a connection handles before it
+/// yields to the other tasks on its worker thread. Tokio's coop budget counts
+/// readiness checks, not work, and one read can carry hundreds of requests.
+const REQUESTS_PER_POLL: u32 = 16;
 
 thread_local! {
     /// Every connection on a thread reads into this buffer in turn; it is
@@ -89,6 +97,7 @@ pub async fn upgrade(
         batch: VecDeque::new(),
         read_end: None,
         paused: false,
+        budget: REQUESTS_PER_POLL,
         close_taken: false,
         close_written: false,
         lingering: false,
@@ -147,8 +156,11 @@ pub struct Connection {
     batch: VecDeque<Bytes>,
     /// Set once reading is over.
     read_end: Option<ReadEnd>,
-    /// The reader paused (outbox backlog) with input left to handle.
+    /// The reader paused (outbox backlog or spent budget) with input left
+    /// to handle.
     paused: bool,
+    /// Requests this poll may still handle; see [`REQUESTS_PER_POLL`].
+    budget: u32,
     /// The Close frame is in `batch`: nothing more will be taken.
     close_taken: bool,
     /// The Close frame has been written.
@@ -188,6 +200,7 @@ impl Drop for Connection {
 impl Connection {
     /// Drives both halves; ready when the close handshake is over.
     fn poll_chat(&mut self, cx: &mut Context<'_>) -> Poll<ReadEnd> {
+        self.budget = REQUESTS_PER_POLL;
         loop {
             if let Err(e) = ready!(self.poll_write(cx)) {
                 tracing::debug!(conn = self.session.client.id, error = %e, "write failed");
@@ -206,9 +219,12 @@ impl Connection {
                     // The writer is blocked on the socket; it will wake us.
                     return Poll::Pending;
                 }
+                if self.budget == 0 {
+                    return yield_now(cx);
+                }
                 self.paused = false;
-                let (session, pause_at) = (&self.session, self.pause_at as usize);
-                let result = self.reader.resume(|event| session.on_event(event, pause_at));
+                let (session, pause_at, budget) = (&self.session, self.pause_at as usize, &mut self.budget);
+                let result = self.reader.resume(|event| session.on_event(event, pause_at, budget));
                 self.after_feed(result);
                 continue;
             }
@@ -300,8 +316,8 @@ impl Connection {
         let limits = &self.session.hub.policies().config.limits;
         self.reader.set_limits(limits.max_frame_bytes, limits.max_message_bytes);
         self.pause_at = pause_threshold(limits.outbound_queue);
-        let (session, pause_at) = (&self.session, self.pause_at as usize);
-        let result = self.reader.feed(data, |event| session.on_event(event, pause_at));
+        let (session, pause_at, budget) = (&self.session, self.pause_at as usize, &mut self.budget);
+        let result = self.reader.feed(data, |event| session.on_event(event, pause_at, budget));
         self.after_feed(result);
     }
 
@@ -323,6 +339,14 @@ impl Connection {
             }
         }
     }
+}
+
+/// Ends this poll and asks to be polled again once the tasks already queued
+/// on this worker have run: the waker fires while the task is running, so
+/// tokio requeues it behind them (not in the LIFO slot).
+fn yield_now(cx: &mut Context<'_>) -> Poll<ReadEnd> {
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 /// Outbox length at which a connection's reader pauses: half the queue.
@@ -364,8 +388,8 @@ struct Session {
 
 impl Session {
     /// Acts on one event; pauses reading once the client's outbox holds
-    /// `pause_at` frames.
-    fn on_event(&self, event: Event<'_>, pause_at: usize) -> Flow {
+    /// `pause_at` frames or the poll's request `budget` is spent.
+    fn on_event(&self, event: Event<'_>, pause_at: usize, budget: &mut u32) -> Flow {
         let closing = self.client.outbox.closing_since().is_some();
         match event {
             Event::Close(code) => {
@@ -380,14 +404,18 @@ impl Session {
             // Once we are closing, data frames are read and ignored.
             _ if closing => {}
             Event::Binary => {
+                *budget = budget.saturating_sub(1);
                 self.client.outbox.push(
                     RequestError::new(ErrorCode::Unsupported, "binary frames are not supported; send JSON text frames")
                         .to_frame(),
                 );
             }
-            Event::Text(text) => self.on_text(text),
+            Event::Text(text) => {
+                *budget = budget.saturating_sub(1);
+                self.on_text(text);
+            }
         }
-        if self.client.outbox.len() >= pause_at { Flow::Pause } else { Flow::Continue }
+        if self.client.outbox.len() >= pause_at || *budget == 0 { Flow::Pause } else { Flow::Continue }
     }
 
     fn on_text(&self, text: &str) {

@@ -860,7 +860,7 @@ try {
   await refusedBanner.waitFor();
   const refusal = await textOf(again, '#banner-body');
   check(
-    /Testing bans/.test(refusal) && /59:\d\d min/.test(refusal),
+    /Testing bans/.test(refusal) && /(59:\d\d|1 h 00) min/.test(refusal),
     `the refusal says why and for how long: ${refusal}`,
   );
   await again.locator('#conn[data-state="stopped"]').waitFor();
