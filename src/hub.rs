@@ -20,6 +20,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::client::{Client, ConnId, Identity, IdentityKind, Roles};
+use crate::cluster::{AckReady, Cluster, Effect, PostRequest, PresenceKind, RemoteMember};
 use crate::identity::impersonation_key;
 use crate::lock;
 use crate::metrics::{Metrics, Snapshot};
@@ -65,6 +66,8 @@ pub struct Hub {
     pub(crate) moderation: ModerationState,
     /// This hub, for callbacks that run after a commit.
     this: Weak<Hub>,
+    /// The other nodes, when this node is one of a cluster (`[cluster]`).
+    pub(crate) cluster: Option<Arc<Cluster>>,
 }
 
 /// A chat room.
@@ -82,7 +85,9 @@ struct RoomState {
     members: HashMap<ConnId, Arc<Client>>,
     /// Id of the last message (ids start at 1).
     last_id: u64,
-    /// Recent messages as encoded frames, oldest first, ids consecutive.
+    /// Recent messages as encoded frames, oldest first, ids increasing
+    /// (consecutive on a single node; a cluster node cut off from the
+    /// broker may miss some, which `history` then fills in).
     history: VecDeque<(u64, Bytes)>,
     /// Set when the room was removed from the hub; a joiner must retry.
     removed: bool,
@@ -101,11 +106,17 @@ fn ping_frame() -> Bytes {
 }
 
 impl Hub {
-    /// A hub with no rooms or clients, over `store` (whose state is loaded).
-    pub fn new(reloader: Arc<Reloader>, store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+    /// A hub with no rooms or clients, over `store` (whose state is loaded),
+    /// on its own or as one node of `cluster`.
+    pub fn new(
+        reloader: Arc<Reloader>,
+        store: Arc<dyn Store>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<Arc<Self>, StoreError> {
         let snapshot = store.snapshot(now_ms())?;
         Ok(Arc::new_cyclic(|this| Self {
             store,
+            cluster,
             moderation: ModerationState::load(snapshot),
             this: this.clone(),
             reloader,
@@ -124,6 +135,25 @@ impl Hub {
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The cluster this node is part of, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// Why this node should not get traffic now, if it should not
+    /// (`/readyz`): shutting down, the store or the cluster broker unreachable.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.is_closing() {
+            Some("shutting down")
+        } else if !self.store.is_healthy() {
+            Some("store unavailable")
+        } else if self.cluster.as_ref().is_some_and(|c| !c.is_connected()) {
+            Some("cluster broker unreachable")
+        } else {
+            None
+        }
     }
 
     /// A weak handle to this hub, for callbacks.
@@ -176,6 +206,15 @@ impl Hub {
             let state = lock(&room.state);
             self.fan_out(&state, frame, None);
         }
+    }
+
+    /// The author of a message in a room's recent history, if it is there.
+    pub(crate) fn history_author(&self, room: &str, id: u64) -> Option<String> {
+        let room = lock(&self.rooms).get(room).cloned()?;
+        let state = lock(&room.state);
+        let (_, frame) = state.history.iter().find(|(i, _)| *i == id)?;
+        let value: serde_json::Value = serde_json::from_slice(payload_of(frame)).ok()?;
+        value["user"].as_str().map(str::to_owned)
     }
 
     /// Removes a message from a room's recent history; returns its author
@@ -492,7 +531,8 @@ impl Hub {
         let rooms = lock(&client.rooms).clone();
         for room in rooms {
             let state = lock(&room.state);
-            if state.members.len() <= self.policies().config.rooms.presence_max_members {
+            self.announce(&room.name, client, &new, PresenceKind::Nick, Some(&old.nick));
+            if self.room_size(&room.name, &state) <= self.policies().config.rooms.presence_max_members {
                 let frame = encode(&ServerFrame::Presence {
                     room: &room.name,
                     user: new.view(),
@@ -550,7 +590,8 @@ impl Hub {
             let joined = self.joined_frame(&room, &state, reference);
             client.outbox.push(joined);
             if is_new {
-                if state.members.len() <= rooms_config.presence_max_members {
+                self.announce(&room.name, client, &identity, PresenceKind::Join, None);
+                if self.room_size(&room.name, &state) <= rooms_config.presence_max_members {
                     let frame = encode(&ServerFrame::Presence {
                         room: &room.name,
                         user: identity.view(),
@@ -595,19 +636,22 @@ impl Hub {
     }
 
     fn joined_frame(&self, room: &Room, state: &RoomState, reference: Option<&Ref>) -> Bytes {
-        let identities: Vec<Arc<Identity>> = state
-            .members
-            .values()
-            .take(self.policies().config.rooms.presence_max_members)
-            .map(|m| m.identity())
+        let most = self.policies().config.rooms.presence_max_members;
+        let identities: Vec<Arc<Identity>> = state.members.values().take(most).map(|m| m.identity()).collect();
+        let remote = self.cluster.as_ref().map(|c| c.remote_members(&room.name)).unwrap_or_default();
+        let remote_roles: Vec<Roles> = remote.iter().map(RemoteMember::roles).collect();
+        let members: Vec<_> = identities
+            .iter()
+            .map(|i| i.view())
+            .chain(remote.iter().zip(&remote_roles).map(|(m, roles)| m.view(*roles)))
+            .take(most)
             .collect();
-        let members: Vec<_> = identities.iter().map(|i| i.view()).collect();
         let skip = state.history.len().saturating_sub(self.policies().config.rooms.history_on_join);
         let settings = self.moderation.room(&room.name);
         encode_with_list(
             &ServerFrame::Joined {
                 room: &room.name,
-                member_count: state.members.len(),
+                member_count: state.members.len() + remote.len(),
                 members: &members,
                 slow_mode: settings.slow_mode_secs,
                 locked: settings.locked,
@@ -636,7 +680,10 @@ impl Hub {
             if state.members.remove(&client.id).is_none() {
                 return;
             }
-            if !state.members.is_empty() && state.members.len() < self.policies().config.rooms.presence_max_members {
+            self.announce(&room.name, client, identity, PresenceKind::Leave, None);
+            if !state.members.is_empty()
+                && self.room_size(&room.name, &state) < self.policies().config.rooms.presence_max_members
+            {
                 let frame = encode(&ServerFrame::Presence {
                     room: &room.name,
                     user: identity.view(),
@@ -669,6 +716,9 @@ impl Hub {
     ) -> Result<(), RequestError> {
         let room = client.room(name).ok_or_else(|| not_member(name))?;
         let identity = client.identity();
+        if self.cluster.as_ref().is_some_and(|c| !c.is_connected()) {
+            return Err(cut_off());
+        }
         self.may_post(&identity, name)?;
         let policies = self.policies();
         let mut message = Message { content };
@@ -695,18 +745,24 @@ impl Hub {
             }
         }
 
+        if let Some(cluster) = &self.cluster {
+            let waiting = reference.map(|r| (client.clone(), r.clone()));
+            let flags = outcome.flags;
+            let on_id: Option<OnId> = (!flags.is_empty()).then(|| {
+                let (identity, content, room) = (identity.clone(), message.content.clone(), room.name.clone());
+                Box::new(move |hub: &Hub, id: u64| hub.flag(&room, id, &identity, &content, &flags)) as OnId
+            });
+            let floor = lock(&room.state).last_id;
+            let ts = now_ms();
+            let post = self.post_request(&room.name, floor, &identity.user_id, &identity.nick, &message.content, ts);
+            let post = PostRequest { client: Some(client.clone()), on_id, ..post };
+            cluster.post(post, waiting).map_err(|_| cut_off())?;
+            self.metrics.messages_in.inc();
+            return Ok(());
+        }
         let (id, ts, commit) = self.publish(&room, &identity.user_id, &identity.nick, &message.content, now_ms());
         self.metrics.messages_in.inc();
-        for (filter, reason) in &outcome.flags {
-            self.broadcast_to_staff(&encode(&ServerFrame::Flagged {
-                room: name,
-                id,
-                user: identity.view(),
-                content: &message.content,
-                reason,
-                filter,
-            }));
-        }
+        self.flag(name, id, &identity, &message.content, &outcome.flags);
         // The ack waits for the message to be durable.
         let Some(reference) = reference.cloned() else { return Ok(()) };
         let (client, room_name) = (client.clone(), room.name.clone());
@@ -750,8 +806,214 @@ impl Hub {
         (id, ts, commit)
     }
 
+    /// Tells the moderators what the filters flagged in message `id`.
+    fn flag(&self, room: &str, id: u64, identity: &Identity, content: &str, flags: &[(Arc<str>, String)]) {
+        for (filter, reason) in flags {
+            let frame = encode(&ServerFrame::Flagged { room, id, user: identity.view(), content, reason, filter });
+            self.effect(Effect::ToStaff { frame: json_of(&frame) });
+        }
+    }
+
+    /// A message for the cluster's poster: its JSON split around the id
+    /// Redis will give it.
+    fn post_request(
+        &self,
+        room: &Arc<str>,
+        floor: u64,
+        user_id: &str,
+        nick: &str,
+        content: &str,
+        ts: u64,
+    ) -> PostRequest {
+        let frame = encode(&ServerFrame::Message { room, id: 0, from: nick, user: user_id, content, ts });
+        let json = json_of(&frame);
+        // `room` comes first and is a JSON string, inside which a quote is
+        // always escaped: the first `,"id":0,` is the field.
+        const ID: &str = ",\"id\":0,";
+        let at = json.find(ID).unwrap_or(0);
+        let (head, tail) = (&json[..at + ID.len() - 2], &json[at + ID.len() - 1..]);
+        PostRequest {
+            room: room.clone(),
+            floor,
+            head: head.to_owned(),
+            tail: tail.to_owned(),
+            user_id: user_id.to_owned(),
+            ts,
+            token: 0,
+            client: None,
+            on_id: None,
+        }
+    }
+
+    /// A post got its id from the cluster: its store write is queued now
+    /// (the poster hands ids over in order), and its ack waits for the
+    /// commit and for the message to come back from the broker.
+    pub(crate) fn cluster_posted(&self, mut post: PostRequest, id: u64) {
+        let json = format!("{}{id}{}", post.head, post.tail);
+        let token = post.token;
+        if let (Some(cluster), true) = (&self.cluster, token != 0) {
+            cluster.assigned(token, id);
+        }
+        if let Some(on_id) = post.on_id.take() {
+            on_id(self, id);
+        }
+        let stored = StoredMessage { room: post.room.to_string(), id, user_id: post.user_id, json, ts: post.ts };
+        let hub = self.self_ref();
+        let room = post.room;
+        self.commit_then(vec![Write::Message(stored)], move |result| {
+            let Some(hub) = hub.upgrade() else { return };
+            if let Err(e) = &result {
+                tracing::error!(error = %e, room = ?room, id, "a message of the cluster was not saved");
+            }
+            if token == 0 {
+                return;
+            }
+            if let Some(cluster) = &hub.cluster {
+                let due = cluster.committed(token, result.map(|_| ()).map_err(|e| e.to_string()));
+                hub.release_acks(due.into_iter().collect());
+            }
+        });
+    }
+
+    /// A post the broker did not take: its author gets `unavailable`.
+    pub(crate) fn cluster_post_failed(&self, post: PostRequest, reason: &str) {
+        let reference = match (&self.cluster, post.token) {
+            (Some(cluster), token) if token != 0 => cluster.forget(token),
+            _ => None,
+        };
+        if let Some(client) = post.client {
+            let error = RequestError {
+                reference,
+                retry_after_ms: Some(1000),
+                ..RequestError::new(ErrorCode::Unavailable, format!("the message was not sent: {reason}"))
+            };
+            client.outbox.push(error.to_frame());
+        }
+    }
+
+    /// Sends the acks (or errors) that are due.
+    pub(crate) fn release_acks(&self, due: Vec<AckReady>) {
+        for ready in due {
+            match ready {
+                AckReady::Ack { client, reference, room, id, ts } => {
+                    client.outbox.push(encode(&ServerFrame::Ack { reference: &reference, id, room: &room, ts }));
+                }
+                AckReady::Failed { client, reference, id, reason } => {
+                    let error = RequestError {
+                        reference: Some(reference),
+                        ..RequestError::new(
+                            ErrorCode::Unavailable,
+                            format!("message {id} may not have been saved: {reason}"),
+                        )
+                    };
+                    client.outbox.push(error.to_frame());
+                }
+            }
+        }
+    }
+
+    /// A message from the broker (this node's or another's): delivered to
+    /// the room's members here, in id order; an id already seen (the room
+    /// was opened from a store that had it) is skipped. `own` is the token
+    /// of this node's post, whose ack may now be due.
+    pub(crate) fn deliver_published(&self, room: &str, id: u64, json: &str, own: Option<u64>) {
+        let open = lock(&self.rooms).get(room).cloned();
+        if let Some(room) = open {
+            let history_kept = self.policies().config.rooms.history_kept;
+            let mut state = lock(&room.state);
+            if id > state.last_id {
+                let frame = crate::ws::text_frame(json.as_bytes());
+                state.last_id = id;
+                state.history.push_back((id, frame.clone()));
+                while state.history.len() > history_kept {
+                    state.history.pop_front();
+                }
+                self.fan_out(&state, &frame, None);
+            }
+        }
+        if let (Some(token), Some(cluster)) = (own, &self.cluster) {
+            self.release_acks(cluster.delivered(token).into_iter().collect());
+        }
+    }
+
+    /// Members of a room: here and, in a cluster, on the other nodes.
+    fn room_size(&self, room: &str, state: &RoomState) -> usize {
+        state.members.len() + self.cluster.as_ref().map_or(0, |c| c.remote_count(room))
+    }
+
+    /// Tells the other nodes about a presence change of a local client.
+    fn announce(&self, room: &str, client: &Client, identity: &Identity, event: PresenceKind, previous: Option<&str>) {
+        if let Some(cluster) = &self.cluster {
+            cluster.publish(Effect::Presence {
+                room: room.to_owned(),
+                member: cluster.member_key(client.id),
+                who: remote_member(client, identity),
+                event,
+                previous: previous.map(str::to_owned),
+            });
+        }
+    }
+
+    /// A presence change on another node: the view of its members follows,
+    /// and the room's members here get `presence` (nothing if it changes
+    /// nothing, such as a join announced again after a reconnection).
+    pub(crate) fn apply_presence(
+        &self,
+        room: &str,
+        member: &str,
+        who: &RemoteMember,
+        event: PresenceKind,
+        previous: Option<&str>,
+    ) {
+        let Some(cluster) = &self.cluster else { return };
+        let Some(open) = lock(&self.rooms).get(room).cloned() else {
+            cluster.update_remote(room, member, who, event);
+            return;
+        };
+        let state = lock(&open.state);
+        if !cluster.update_remote(room, member, who, event) || state.removed || state.members.is_empty() {
+            return;
+        }
+        let size = self.room_size(room, &state);
+        let most = self.policies().config.rooms.presence_max_members;
+        let shown = if event == PresenceKind::Leave { size < most } else { size <= most };
+        if shown {
+            let frame =
+                encode(&ServerFrame::Presence { room, user: who.view(who.roles()), event: event.event(), previous });
+            self.fan_out(&state, &frame, None);
+        }
+    }
+
+    /// Every local member of every room, for announcing them to the cluster.
+    pub(crate) fn local_presence(&self) -> Vec<(String, String, RemoteMember)> {
+        let Some(cluster) = &self.cluster else { return Vec::new() };
+        let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
+        let mut members = Vec::new();
+        for room in rooms {
+            let state = lock(&room.state);
+            for client in state.members.values() {
+                let identity = client.identity();
+                members.push((room.name.to_string(), cluster.member_key(client.id), remote_member(client, &identity)));
+            }
+        }
+        members
+    }
+
     /// Delivers an approved held message to its room, with its original time.
     pub(crate) fn deliver_approved(&self, item: &crate::store::ReviewItem) {
+        if let Some(cluster) = &self.cluster {
+            let open = lock(&self.rooms).get(item.room.as_str()).cloned();
+            let floor = match open {
+                Some(room) => lock(&room.state).last_id,
+                None => self.store.last_message_id(&item.room).unwrap_or(0),
+            };
+            let room: Arc<str> = item.room.as_str().into();
+            let post = self.post_request(&room, floor, &item.user_id, &item.nick, &item.content, item.ts);
+            if cluster.post(post, None).is_err() {
+                tracing::error!(room = ?item.room, "cannot deliver an approved message: the broker is unreachable");
+            }
+            return;
+        }
         let rooms = lock(&self.rooms);
         let room = match rooms.get(item.room.as_str()) {
             Some(room) => room.clone(),
@@ -931,6 +1193,35 @@ pub fn refusal(verdict: Verdict) -> RequestError {
         other => {
             RequestError::new(ErrorCode::Policy("blocked".into()), format!("refused by policy ({})", other.name()))
         }
+    }
+}
+
+/// What a cluster's node runs once its post has an id.
+pub(crate) type OnId = Box<dyn FnOnce(&Hub, u64) + Send>;
+
+/// The refusal of a post while the node is cut off from the cluster broker.
+fn cut_off() -> RequestError {
+    RequestError {
+        retry_after_ms: Some(1000),
+        ..RequestError::new(
+            ErrorCode::Unavailable,
+            "this server is cut off from the rest of the cluster; try again in a moment",
+        )
+    }
+}
+
+/// A frame's JSON text.
+pub(crate) fn json_of(frame: &Bytes) -> String {
+    String::from_utf8_lossy(payload_of(frame)).into_owned()
+}
+
+/// A local client as the other nodes see it.
+fn remote_member(client: &Client, identity: &Identity) -> RemoteMember {
+    RemoteMember {
+        user: identity.user_id.to_string(),
+        nick: identity.nick.to_string(),
+        roles: identity.roles.names().map(str::to_owned).collect(),
+        addr: client.addr,
     }
 }
 

@@ -34,6 +34,8 @@
 //! - [`ws`]: the WebSocket protocol: handshake, frame encoding and parsing.
 //! - [`protocol`]: the JSON frames of protocol v1 and the error codes.
 //! - [`hub`]: rooms, nicknames, presence, message ids and fan-out.
+//! - [`cluster`]: several nodes as one server over a Redis broker: message
+//!   ids and delivery, presence, moderation effects, heartbeats.
 //! - [`moderation`]: bans, mutes, strikes and the ladder, room locks and slow
 //!   mode, the review queue, reports, deletion, and the audit log.
 //! - [`outbox`]: one client's bounded queue of outgoing frames.
@@ -46,6 +48,7 @@
 pub mod admin;
 pub mod admission;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod filters;

@@ -17,14 +17,15 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::client::{Client, Identity};
-use crate::hub::Hub;
+use crate::cluster::Effect;
+use crate::hub::{Hub, json_of};
 use crate::lock;
 use crate::outbox::CloseReason;
 use crate::protocol::{ErrorCode, Ref, Request, RequestError, ServerFrame, encode, now_ms};
 use crate::store::{
     AuditEntry, Ban, Mute, ReviewItem, ReviewKind, ReviewStatus, RoomSettings, Snapshot, Strikes, Write, Written,
 };
-use crate::ws::CloseCode;
+use crate::ws::{CloseCode, text_frame};
 
 /// `[moderation]` in the config.
 #[derive(Debug, Clone, Deserialize)]
@@ -207,6 +208,18 @@ impl ModerationState {
         (before, strikes.points, strikes)
     }
 
+    /// A user's strikes now (after decay), as (points, start of the
+    /// running period).
+    fn strikes_of(&self, user_id: &str, decay: Duration, now: u64) -> (f64, u64) {
+        let inner = lock(&self.inner);
+        inner.strikes.get(user_id).map(|s| decayed(*s, decay, now)).map_or((0.0, now), |s| (s.points, s.updated_at))
+    }
+
+    /// Sets a user's strikes as counted elsewhere (the cluster's broker).
+    fn set_strikes(&self, user_id: &str, strikes: Strikes) {
+        lock(&self.inner).strikes.insert(user_id.to_owned(), strikes);
+    }
+
     /// Whether `nick` looks like a staff member's name seen so far.
     pub fn looks_like_staff(&self, key: &str) -> bool {
         lock(&self.inner).staff_names.contains(key)
@@ -371,7 +384,8 @@ impl Hub {
                         Some(Written::Id(id)) => *id,
                         _ => 0,
                     };
-                    hub.broadcast_to_staff(&encode(&ServerFrame::Review { item: &ReviewItem { id, ..item } }));
+                    let frame = encode(&ServerFrame::Review { item: &ReviewItem { id, ..item } });
+                    hub.effect(Effect::ToStaff { frame: json_of(&frame) });
                 }
             }
             Err(e) => {
@@ -427,9 +441,15 @@ impl Hub {
             }
             Request::Unlock { room } => self.set_room(&room, actor, "unlock", "open again", |r| r.locked = false)?,
             Request::ClearStrikes { user } => {
-                let mut inner = lock(&self.moderation.inner);
-                inner.strikes.remove(&user);
-                drop(inner);
+                lock(&self.moderation.inner).strikes.remove(&user);
+                if let Some(cluster) = self.cluster.clone() {
+                    let user = user.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = cluster.clear_strikes(&user).await {
+                            tracing::warn!(error = %e, user = ?user, "strikes not cleared on the cluster broker");
+                        }
+                    });
+                }
                 vec![
                     Write::Strikes { user_id: user.clone(), strikes: Strikes { points: 0.0, updated_at: now_ms() } },
                     audit(actor, "clear_strikes", Some(user), None, "strikes cleared", None),
@@ -480,9 +500,7 @@ impl Hub {
         match sanction {
             Sanction::Warn => {
                 let frame = encode(&ServerFrame::Warning { reason });
-                for client in &targets {
-                    client.outbox.push(frame.clone());
-                }
+                self.effect(Effect::ToUser { user: user_id.to_owned(), frame: json_of(&frame), members_only: false });
             }
             Sanction::Mute(duration) => {
                 let mute = Mute {
@@ -492,26 +510,25 @@ impl Hub {
                     actor: actor.id.clone(),
                     created_at: now,
                 };
-                lock(&self.moderation.inner).mutes.insert(user_id.to_owned(), mute.clone());
-                let frame = encode(&ServerFrame::Muted { until: mute.until, remaining_ms: mute.until - now, reason });
-                for client in &targets {
-                    client.outbox.push(frame.clone());
-                }
+                self.effect(Effect::Mute { mute: (&mute).into() });
                 writes.push(Write::Mute(mute));
             }
             Sanction::Kick => {
-                if targets.is_empty() {
+                let elsewhere = self.cluster.as_ref().and_then(|c| c.remote_user(user_id));
+                if targets.is_empty() && elsewhere.is_none() {
                     return Err(not_found(format!("user {user_id:?} is not connected")));
                 }
-                for client in &targets {
-                    client.outbox.close(CloseCode::POLICY, &format!("kicked: {reason}"), CloseReason::Kicked, false);
-                }
+                self.effect(Effect::CloseUser { user: user_id.to_owned(), message: format!("kicked: {reason}") });
             }
             Sanction::Ban(duration) => {
                 // A guest is banned by address too, so that reconnecting
                 // under another nickname does not help.
                 let cidr = if user_id.starts_with("guest:") {
-                    targets.first().map(|c| IpNet::from(c.addr).to_string())
+                    targets
+                        .first()
+                        .map(|c| c.addr)
+                        .or_else(|| self.cluster.as_ref().and_then(|c| c.remote_user(user_id)))
+                        .map(|addr| IpNet::from(addr).to_string())
                 } else {
                     None
                 };
@@ -524,14 +541,11 @@ impl Hub {
                     created_at: now,
                     expires_at: duration.map(|d| now + d.as_millis() as u64),
                 };
-                lock(&self.moderation.inner).bans.push(ban.clone());
                 let why = match duration {
                     Some(d) => format!("banned for {}: {reason}", human(d)),
                     None => format!("banned: {reason}"),
                 };
-                for client in &targets {
-                    client.outbox.close(CloseCode::POLICY, &why, CloseReason::Banned, false);
-                }
+                self.effect(Effect::Ban { ban: (&ban).into(), message: why });
                 writes.push(Write::Ban(ban));
             }
         }
@@ -561,10 +575,7 @@ impl Hub {
             created_at: now,
             expires_at: duration.map(|d| now + d.as_millis() as u64),
         };
-        lock(&self.moderation.inner).bans.push(ban.clone());
-        for client in self.all_clients().iter().filter(|c| c.identity().is_guest() && net.contains(&c.addr)) {
-            client.outbox.close(CloseCode::POLICY, &format!("banned: {reason}"), CloseReason::Banned, false);
-        }
+        self.effect(Effect::Ban { ban: (&ban).into(), message: format!("banned: {reason}") });
         Ok(vec![Write::Ban(ban), audit(actor, "ban", Some(net.to_string()), None, reason, None)])
     }
 
@@ -592,14 +603,21 @@ impl Hub {
             .filter(|b| matches(b))
             .collect();
         let same = |a: &Ban, b: &Ban| a.user_id == b.user_id && a.cidr == b.cidr && a.created_at == b.created_at;
-        let mut inner = lock(&self.moderation.inner);
-        let before = inner.bans.len();
-        inner.bans.retain(|b| !(matches(b) || stored.iter().any(|s| same(s, b))));
-        let removed = before - inner.bans.len();
-        drop(inner);
-        if stored.is_empty() && removed == 0 {
+        let in_memory = lock(&self.moderation.inner)
+            .bans
+            .iter()
+            .filter(|b| matches(b) || stored.iter().any(|s| same(s, b)))
+            .count();
+        if stored.is_empty() && in_memory == 0 {
             return Err(not_found("no matching ban"));
         }
+        // Memory bans carry no store id: what an id names is lifted by
+        // what it bans.
+        self.effect(Effect::LiftBans {
+            user: user.map(str::to_owned),
+            net: net.map(|n| n.to_string()),
+            bans: stored.iter().map(|b| (b.user_id.clone(), b.cidr.clone(), b.created_at)).collect(),
+        });
         let mut writes: Vec<Write> = stored.iter().map(|b| Write::LiftBan { id: b.id, at: now }).collect();
         let target = user.map(str::to_owned).or(ip.map(str::to_owned)).or(id.map(|i| format!("ban:{i}")));
         writes.push(audit(actor, "unban", target, None, "ban lifted", None));
@@ -607,13 +625,10 @@ impl Hub {
     }
 
     fn unmute(&self, user_id: &str, actor: &Actor) -> Result<Vec<Write>, RequestError> {
-        if lock(&self.moderation.inner).mutes.remove(user_id).is_none() {
+        if !lock(&self.moderation.inner).mutes.contains_key(user_id) {
             return Err(not_found(format!("user {user_id:?} is not muted")));
         }
-        let frame = encode(&ServerFrame::Unmuted {});
-        for client in self.clients_of(user_id) {
-            client.outbox.push(frame.clone());
-        }
+        self.effect(Effect::Unmute { user: user_id.to_owned() });
         Ok(vec![
             Write::Unmute { user_id: user_id.to_owned() },
             audit(actor, "unmute", Some(user_id.to_owned()), None, "mute lifted", None),
@@ -630,28 +645,19 @@ impl Hub {
     ) -> Result<Vec<Write>, RequestError> {
         crate::names::validate_room(room, self.policies().config.rooms.max_name_chars)
             .map_err(|m| RequestError::new(ErrorCode::InvalidRoom, m))?;
-        let settings = {
-            let mut inner = lock(&self.moderation.inner);
-            let settings = inner
-                .rooms
-                .entry(room.to_owned())
-                .or_insert_with(|| RoomSettings { room: room.to_owned(), ..Default::default() });
-            change(settings);
-            settings.clone()
-        };
-        let frame = encode(&ServerFrame::Room { room, slow_mode: settings.slow_mode_secs, locked: settings.locked });
-        self.broadcast_to_room(room, &frame);
+        let mut settings = self.moderation.room(room);
+        change(&mut settings);
+        self.effect(Effect::from(&settings));
         Ok(vec![Write::RoomSettings(settings), audit(actor, action, Some(room.to_owned()), Some(room), what, None)])
     }
 
     fn delete_message(&self, room: &str, id: u64, actor: &Actor, reason: &str) -> Result<Vec<Write>, RequestError> {
-        let author = self
-            .remove_from_history(room, id)
-            .or_else(|| self.store().message(room, id).ok().flatten().map(|m| m.user_id));
+        let author =
+            self.history_author(room, id).or_else(|| self.store().message(room, id).ok().flatten().map(|m| m.user_id));
         let Some(author) = author else {
             return Err(not_found(format!("no message {id} in room {room:?}")));
         };
-        self.broadcast_to_room(room, &encode(&ServerFrame::Deleted { room, id }));
+        self.effect(Effect::Delete { room: room.to_owned(), id });
         Ok(vec![
             Write::DeleteMessage { room: room.to_owned(), id },
             audit(actor, "delete", Some(author), Some(room), reason, Some(format!("{{\"message_id\":{id}}}"))),
@@ -738,13 +744,9 @@ impl Hub {
             reason.unwrap_or(action),
             None,
         ));
-        let frame = encode(&ServerFrame::Reviewed { id, status, by: &actor.id });
-        self.broadcast_to_staff(&frame);
-        for client in self.clients_of(&item.user_id) {
-            if !client.identity().roles.is_staff() {
-                client.outbox.push(frame.clone());
-            }
-        }
+        let frame = json_of(&encode(&ServerFrame::Reviewed { id, status, by: &actor.id }));
+        self.effect(Effect::ToStaff { frame: frame.clone() });
+        self.effect(Effect::ToUser { user: item.user_id.clone(), frame, members_only: true });
         Ok(writes)
     }
 
@@ -798,7 +800,7 @@ impl Hub {
             }));
             if let Some(hub) = hub.upgrade() {
                 let item = ReviewItem { id, ..item };
-                hub.broadcast_to_staff(&encode(&ServerFrame::Review { item: &item }));
+                hub.effect(Effect::ToStaff { frame: json_of(&encode(&ServerFrame::Review { item: &item })) });
             }
         });
     }
@@ -811,7 +813,41 @@ impl Hub {
         let policies = self.policies();
         let config = &policies.config.moderation;
         let now = now_ms();
-        let (before, after, strikes) = self.moderation.add_strikes(&identity.user_id, points, config.strike_decay, now);
+        if let Some(cluster) = self.cluster.clone() {
+            // Counted once for the user across nodes, in Redis; the ladder
+            // runs on the node whose message crossed a step.
+            let seed = self.moderation.strikes_of(&identity.user_id, config.strike_decay, now);
+            let (hub, identity, filter, room) = (self.self_ref(), identity.clone(), filter.to_owned(), room.to_owned());
+            let decay = config.strike_decay;
+            tokio::spawn(async move {
+                let counted = cluster.add_strikes(&identity.user_id, points, decay, now, seed).await;
+                let Some(hub) = hub.upgrade() else { return };
+                match counted {
+                    Ok((before, after, since)) => {
+                        let strikes = Strikes { points: after, updated_at: since };
+                        hub.moderation.set_strikes(&identity.user_id, strikes);
+                        hub.strikes_counted(&identity, &filter, &room, (before, after, strikes));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "strikes counted on this node only: the cluster broker is unreachable");
+                        let decay = hub.policies().config.moderation.strike_decay;
+                        let counted = hub.moderation.add_strikes(&identity.user_id, points, decay, now);
+                        hub.strikes_counted(&identity, &filter, &room, counted);
+                    }
+                }
+            });
+            return;
+        }
+        let counted = self.moderation.add_strikes(&identity.user_id, points, config.strike_decay, now);
+        self.strikes_counted(identity, filter, room, counted);
+    }
+
+    /// Stores a user's new strikes and climbs the ladder: every step
+    /// between `before` and `after` is carried out.
+    fn strikes_counted(&self, identity: &Identity, filter: &str, room: &str, counted: (f64, f64, Strikes)) {
+        let (before, after, strikes) = counted;
+        let policies = self.policies();
+        let config = &policies.config.moderation;
         let mut writes = vec![Write::Strikes { user_id: identity.user_id.to_string(), strikes }];
         for step in config.ladder.iter().filter(|s| before < s.strikes && s.strikes <= after) {
             let sanction = match step.action {
@@ -856,6 +892,101 @@ impl Hub {
                 self.store().write(writes);
             }
             Err(e) => tracing::info!(filter = %filter, error = %e.message, "escalation not carried out"),
+        }
+    }
+
+    /// Carries out `effect` here and, in a cluster, publishes it so every
+    /// other node carries it out too.
+    pub fn effect(&self, effect: Effect) {
+        self.apply_effect(&effect);
+        if let Some(cluster) = &self.cluster {
+            cluster.publish(effect);
+        }
+    }
+
+    /// Carries out an effect on this node's memory and clients: the one
+    /// path for moderation done here and for what another node published.
+    pub fn apply_effect(&self, effect: &Effect) {
+        match effect {
+            Effect::ToStaff { frame } => self.broadcast_to_staff(&text_frame(frame.as_bytes())),
+            Effect::ToUser { user, frame, members_only } => {
+                let frame = text_frame(frame.as_bytes());
+                for client in self.clients_of(user) {
+                    if !(*members_only && client.identity().roles.is_staff()) {
+                        client.outbox.push(frame.clone());
+                    }
+                }
+            }
+            Effect::CloseUser { user, message } => {
+                for client in self.clients_of(user) {
+                    client.outbox.close(CloseCode::POLICY, message, CloseReason::Kicked, false);
+                }
+            }
+            Effect::Ban { ban, message } => {
+                let ban = Ban::from(ban);
+                lock(&self.moderation.inner).bans.push(ban.clone());
+                let closing: Vec<Arc<Client>> = match (&ban.user_id, ban.cidr.as_deref().map(str::parse::<IpNet>)) {
+                    (Some(user), _) => self.clients_of(user),
+                    (None, Some(Ok(net))) => self
+                        .all_clients()
+                        .into_iter()
+                        .filter(|c| c.identity().is_guest() && net.contains(&c.addr))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                for client in closing {
+                    client.outbox.close(CloseCode::POLICY, message, CloseReason::Banned, false);
+                }
+            }
+            Effect::LiftBans { user, net, bans } => {
+                let net = net.as_deref().and_then(|n| n.parse::<IpNet>().ok());
+                lock(&self.moderation.inner).bans.retain(|b| {
+                    let by_user = user.is_some() && b.user_id == *user;
+                    let by_net = net.is_some() && b.cidr.as_deref().and_then(|c| c.parse::<IpNet>().ok()) == net;
+                    let listed = bans.iter().any(|(u, c, at)| b.user_id == *u && b.cidr == *c && b.created_at == *at);
+                    !(by_user || by_net || listed)
+                });
+            }
+            Effect::Mute { mute } => {
+                let mute = Mute::from(mute);
+                let now = now_ms();
+                let frame = encode(&ServerFrame::Muted {
+                    until: mute.until,
+                    remaining_ms: mute.until.saturating_sub(now),
+                    reason: &mute.reason,
+                });
+                let user = mute.user_id.clone();
+                lock(&self.moderation.inner).mutes.insert(user.clone(), mute);
+                for client in self.clients_of(&user) {
+                    client.outbox.push(frame.clone());
+                }
+            }
+            Effect::Unmute { user } => {
+                if lock(&self.moderation.inner).mutes.remove(user).is_some() {
+                    let frame = encode(&ServerFrame::Unmuted {});
+                    for client in self.clients_of(user) {
+                        client.outbox.push(frame.clone());
+                    }
+                }
+            }
+            Effect::RoomSettings { room, slow_mode_secs, locked } => {
+                let settings = RoomSettings { room: room.clone(), slow_mode_secs: *slow_mode_secs, locked: *locked };
+                lock(&self.moderation.inner).rooms.insert(room.clone(), settings);
+                let frame = encode(&ServerFrame::Room { room, slow_mode: *slow_mode_secs, locked: *locked });
+                self.broadcast_to_room(room, &frame);
+            }
+            Effect::Delete { room, id } => {
+                self.remove_from_history(room, *id);
+                self.broadcast_to_room(room, &encode(&ServerFrame::Deleted { room, id: *id }));
+            }
+            Effect::Presence { room, member, who, event, previous } => {
+                self.apply_presence(room, member, who, *event, previous.as_deref());
+            }
+            Effect::Reload => {
+                // Reading and building can take a moment: off the runtime.
+                let reloader = self.reloader().clone();
+                tokio::task::spawn_blocking(move || reloader.reload());
+            }
         }
     }
 

@@ -130,6 +130,8 @@ pub struct Reloader {
     status: Mutex<Option<ReloadStatus>>,
     /// Reload attempts by outcome (indexed by [`ReloadOutcome`]).
     counts: [crate::metrics::Counter; 3],
+    /// How many reloads were applied: the cluster tells the other nodes.
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -155,7 +157,13 @@ impl Reloader {
             states: Mutex::new(states),
             status: Mutex::new(None),
             counts: Default::default(),
+            applied: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Counts applied reloads; changes each time new policies start running.
+    pub fn applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// The running policies.
@@ -188,6 +196,9 @@ impl Reloader {
             }
         }
         *lock(&self.status) = Some(status.clone());
+        if status.outcome == ReloadOutcome::Applied {
+            self.applied.send_modify(|n| *n += 1);
+        }
         status
     }
 
@@ -241,6 +252,7 @@ impl Reloader {
                 policies.config.server = running.config.server.clone();
                 policies.config.reload = running.config.reload.clone();
                 policies.config.store = running.config.store.clone();
+                policies.config.cluster = running.config.cluster.clone();
                 self.current.store(Arc::new(policies));
                 *states = kept;
                 *lock(&self.text) = text;
@@ -270,6 +282,9 @@ fn restart_required(running: &Config, new: &Config) -> Vec<String> {
     note("trusted_proxies", a.trusted_proxies != b.trusted_proxies);
     if running.store != new.store {
         changed.push("store".to_owned());
+    }
+    if running.cluster != new.cluster {
+        changed.push("cluster".to_owned());
     }
     if running.reload.watch != new.reload.watch {
         changed.push("reload.watch".to_owned());

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 
 use wardroom_plugin_api::Registry;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, Problem, Problems};
 use crate::filters;
 use crate::hub::Hub;
@@ -82,7 +83,12 @@ impl Server {
         let addr = listener.local_addr()?;
         let config = self.config();
         let store: Arc<dyn Store> = crate::store::open(&config.store).map_err(io::Error::other)?;
-        let hub = Hub::new(self.reloader.clone(), store).map_err(io::Error::other)?;
+        let cluster = config.cluster.as_ref().map(Cluster::new).transpose().map_err(io::Error::other)?;
+        let hub = Hub::new(self.reloader.clone(), store, cluster.clone()).map_err(io::Error::other)?;
+        if let Some(cluster) = &cluster {
+            cluster.start(&hub);
+            tracing::info!(node = cluster.node(), "joining the cluster");
+        }
         let admission = Arc::new(Admission::new(&config.server));
         let sweeper = tokio::spawn(sweep(hub.clone()));
         let watcher = tokio::spawn(policy::watch(self.reloader.clone()));
@@ -101,6 +107,9 @@ impl Server {
         accept.abort();
         watcher.abort();
         sweeper.abort();
+        if let Some(cluster) = hub.cluster() {
+            cluster.stop().await;
+        }
         tracing::info!("stopped");
         Ok(())
     }

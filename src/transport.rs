@@ -90,14 +90,9 @@ pub fn routes(
     });
 
     let ready_hub = hub.clone();
-    let readyz = warp::path("readyz").and(warp::path::end()).map(move || {
-        if ready_hub.is_closing() {
-            plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
-        } else if !ready_hub.store().is_healthy() {
-            plain(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
-        } else {
-            plain(StatusCode::OK, "ready")
-        }
+    let readyz = warp::path("readyz").and(warp::path::end()).map(move || match ready_hub.not_ready() {
+        Some(why) => plain(StatusCode::SERVICE_UNAVAILABLE, why),
+        None => plain(StatusCode::OK, "ready"),
     });
 
     let ws = warp::path("ws")

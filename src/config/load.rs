@@ -311,6 +311,31 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_needs_a_broker_url_and_a_shared_store() {
+        let problems =
+            parse("[log]\nlevel = \"info\"\n\n[cluster]\nprefix = \"chat\"\n").expect_err("no broker, no store");
+        let summary: Vec<_> = problems.iter().map(|p| (p.line, p.column, p.key.clone().unwrap_or_default())).collect();
+        assert_eq!(summary, vec![(4, 2, "cluster".to_owned()), (4, 2, "cluster".to_owned())], "{problems:#?}");
+        assert!(problems.iter().any(|p| p.message.contains("needs a broker")), "{problems:#?}");
+        assert!(
+            problems.iter().any(|p| p.message.contains("a cluster needs a shared store: set [store] url")),
+            "{problems:#?}"
+        );
+
+        let problems =
+            parse("[cluster]\nbroker = \"http://x\"\nprefix = \"a b\"\n[store]\nurl = \"postgres://u@h/db\"\n")
+                .expect_err("bad broker and prefix");
+        let keys: Vec<_> = problems.iter().map(|p| (p.line, p.key.clone().unwrap_or_default())).collect();
+        assert_eq!(keys, vec![(2, "cluster.broker".to_owned()), (3, "cluster.prefix".to_owned())], "{problems:#?}");
+
+        let config = parse("[cluster]\nbroker = \"redis://127.0.0.1:6379\"\n[store]\nurl = \"postgres://u@h/db\"\n")
+            .expect("a valid cluster");
+        let cluster = config.cluster.expect("[cluster] is set");
+        assert_eq!((cluster.broker.as_str(), cluster.prefix.as_str()), ("redis://127.0.0.1:6379", "wardroom"));
+        assert!(parse("").expect("no cluster").cluster.is_none());
+    }
+
+    #[test]
     fn semantic_problems_point_at_the_key() {
         let problems = parse("[timeouts]\nping_interval = \"30s\"\nidle = \"10s\"\n").expect_err("idle < ping");
         assert_eq!(problems.len(), 1);

@@ -48,6 +48,9 @@ pub struct Config {
     pub web: WebConfig,
     /// How config changes are picked up.
     pub reload: ReloadConfig,
+    /// Several nodes as one chat server, over a Redis broker; absent for a
+    /// single node (the default). Changing it needs a restart.
+    pub cluster: Option<ClusterConfig>,
     /// The policy pipeline, in run order.
     pub filters: Vec<FilterEntry>,
 }
@@ -151,6 +154,56 @@ pub enum Synchronous {
     Full,
     /// fsync at checkpoints only (WAL): safe against process crashes.
     Normal,
+}
+
+/// `[cluster]`: this node is one of several sharing rooms, presence and
+/// moderation through a Redis broker (and one PostgreSQL store).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The Redis server every node uses: `redis://host:6379` (or
+    /// `redis://:password@host:6379/0`).
+    pub broker: String,
+    /// Namespace of every key and channel this cluster uses, so several
+    /// clusters can share one Redis.
+    pub prefix: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self { broker: String::new(), prefix: "wardroom".to_owned() }
+    }
+}
+
+impl ClusterConfig {
+    /// Problems with `[cluster]` given the rest of the config, as
+    /// `(dotted key, message)`.
+    fn problems(&self, store: &StoreConfig) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if self.broker.is_empty() {
+            problems.push((
+                "cluster".to_owned(),
+                "a cluster needs a broker: set [cluster] broker = \"redis://host:6379\"".to_owned(),
+            ));
+        } else if let Err(e) = redis::Client::open(self.broker.as_str()) {
+            problems.push(("cluster.broker".to_owned(), format!("is not a Redis URL (redis://host:port): {e}")));
+        }
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':');
+        if self.prefix.is_empty() || self.prefix.len() > 64 || !self.prefix.chars().all(allowed) {
+            problems.push((
+                "cluster.prefix".to_owned(),
+                format!("must be 1 to 64 letters, digits, `_`, `-`, `.` or `:`, got {:?}", self.prefix),
+            ));
+        }
+        if store.url.is_none() {
+            problems.push((
+                "cluster".to_owned(),
+                "a cluster needs a shared store: set [store] url = \"postgres://…\" (every node uses the same database)"
+                    .to_owned(),
+            ));
+        }
+        problems
+    }
 }
 
 /// `[web]`: the chat page served at `/`.
@@ -468,6 +521,9 @@ impl Config {
             format!("must be between nicknames.min_chars ({}) and 64, got {}", n.min_chars, n.max_chars),
         );
         problems.extend(self.moderation.problems());
+        if let Some(cluster) = &self.cluster {
+            problems.extend(cluster.problems(&self.store));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(("log.level".to_owned(), format!("is not a valid log filter: {e}")));
         }
