@@ -298,37 +298,50 @@ const QUIET: Duration = Duration::from_millis(150);
 
 /// Watches the config file's directory (editors replace files by rename, so
 /// the file itself cannot be watched) and listens for SIGHUP; both trigger
-/// [`Reloader::reload`]. Runs until dropped.
-pub async fn watch(reloader: Arc<Reloader>) {
-    let Some(path) = reloader.path.clone() else { return };
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let watch_file = reloader.current().config.reload.watch;
-    let _watcher = match watch_file.then(|| directory_watcher(&path, tx.clone())) {
-        Some(Ok(watcher)) => Some(watcher),
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, path = %path.display(), "cannot watch the config file; reload with SIGHUP");
-            None
-        }
-        None => None,
-    };
+/// [`Reloader::reload`]. The watch starts when this is called, not when the
+/// returned future is first polled, so an edit made right after start-up is
+/// not missed; the future runs until dropped.
+pub fn watch(reloader: Arc<Reloader>) -> impl Future<Output = ()> + Send + 'static {
+    let (tx, rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = None;
     #[cfg(unix)]
-    let _hangup = tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hangup) = signal(SignalKind::hangup()) else { return };
-        while hangup.recv().await.is_some() {
-            if tx.send(()).is_err() {
-                return;
+    let mut hangup = None;
+    if let Some(path) = &reloader.path {
+        if reloader.current().config.reload.watch {
+            match directory_watcher(path, tx.clone()) {
+                Ok(w) => watcher = Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot watch the config file; reload with SIGHUP")
+                }
             }
         }
-    });
-    #[cfg(unix)]
-    let _hangup = AbortOnDrop(_hangup);
-    while rx.recv().await.is_some() {
-        // Wait for the burst of events to end.
-        while let Ok(Some(())) = tokio::time::timeout(QUIET, rx.recv()).await {}
-        let reloader = reloader.clone();
-        // Reading and building can take a moment (large rule sets): off the runtime.
-        let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+        #[cfg(unix)]
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => hangup = Some(signal),
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+        }
+    }
+    async move {
+        // Dropping the watcher (when this future is dropped) stops the watch.
+        let _watcher = watcher;
+        #[cfg(unix)]
+        let _hangup = hangup.map(|mut hangup| {
+            AbortOnDrop(tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            }))
+        });
+        let mut rx = rx;
+        while rx.recv().await.is_some() {
+            // Wait for the burst of events to end.
+            while let Ok(Some(())) = tokio::time::timeout(QUIET, rx.recv()).await {}
+            let reloader = reloader.clone();
+            // Reading and building can take a moment (large rule sets): off the runtime.
+            let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+        }
     }
 }
 
