@@ -438,6 +438,11 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// A post was refused: too many are waiting for the broker.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("too many messages are waiting for the cluster broker")]
+pub struct QueueFull;
+
 /// Why the cluster could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot use the cluster broker {broker}: {source}")]
@@ -531,11 +536,7 @@ impl Cluster {
 
     /// Queues a post; its ack (if `waiting` has one) is held until the
     /// message is committed and has come back from the broker.
-    pub fn post(
-        &self,
-        mut request: PostRequest,
-        waiting: Option<(Arc<Client>, Ref)>,
-    ) -> Result<(), mpsc::error::TrySendError<PostRequest>> {
+    pub fn post(&self, mut request: PostRequest, waiting: Option<(Arc<Client>, Ref)>) -> Result<(), QueueFull> {
         if let Some((client, reference)) = waiting {
             let token = self.next_token.fetch_add(1, Ordering::Relaxed);
             request.token = token;
@@ -551,8 +552,9 @@ impl Cluster {
             lock(&self.pending).insert(token, ack);
         }
         let token = request.token;
-        self.posts.try_send(request).inspect_err(|_| {
+        self.posts.try_send(request).map_err(|_| {
             lock(&self.pending).remove(&token);
+            QueueFull
         })
     }
 

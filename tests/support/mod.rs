@@ -3,6 +3,7 @@
 //! well-behaved client library refuses to send.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod pg;
 pub mod process;
 pub mod raw;
 
