@@ -821,6 +821,7 @@ async fn publisher(cluster: Arc<Cluster>, mut effects: mpsc::Receiver<Envelope>)
 /// (re)connection catches up with presence.
 async fn subscriber(cluster: Arc<Cluster>, hub: Weak<Hub>) {
     let mut backoff = BACKOFF_MIN;
+    let mut reconnecting = false;
     let rooms = format!("{}:room:", cluster.prefix);
     let effects = cluster.effects_channel();
     loop {
@@ -828,7 +829,13 @@ async fn subscriber(cluster: Arc<Cluster>, hub: Weak<Hub>) {
             Ok(pubsub) => {
                 let (mut sink, mut stream) = pubsub.split();
                 let caught_up = match hub.upgrade() {
-                    Some(hub) => catch_up(&cluster, &hub).await,
+                    Some(hub) => {
+                        if reconnecting {
+                            // Moderation published while cut off was missed.
+                            hub.resync_moderation().await;
+                        }
+                        catch_up(&cluster, &hub).await
+                    }
                     None => return,
                 };
                 match caught_up {
@@ -863,6 +870,7 @@ async fn subscriber(cluster: Arc<Cluster>, hub: Weak<Hub>) {
             }
             Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the cluster broker"),
         }
+        reconnecting = true;
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }

@@ -230,6 +230,39 @@ impl ModerationState {
         lock(&self.inner).staff_names.insert(key);
     }
 
+    /// Brings bans, mutes and room settings up to date with the store, for
+    /// a cluster node that may have missed effects while cut off from the
+    /// broker. Entries younger than `grace` that the store may not have
+    /// committed yet are kept. Returns the bans and mutes that are new here.
+    fn resync(&self, snapshot: Snapshot, now: u64, grace: u64) -> (Vec<Ban>, Vec<Mute>) {
+        let same = |a: &Ban, b: &Ban| a.user_id == b.user_id && a.cidr == b.cidr && a.created_at == b.created_at;
+        let mut inner = lock(&self.inner);
+        let new_bans: Vec<Ban> =
+            snapshot.bans.iter().filter(|s| !inner.bans.iter().any(|b| same(b, s))).cloned().collect();
+        let recent: Vec<Ban> = inner
+            .bans
+            .iter()
+            .filter(|b| b.created_at + grace > now && !snapshot.bans.iter().any(|s| same(s, b)))
+            .cloned()
+            .collect();
+        inner.bans = snapshot.bans;
+        inner.bans.extend(recent);
+        let mut mutes: HashMap<String, Mute> = snapshot.mutes.into_iter().map(|m| (m.user_id.clone(), m)).collect();
+        let new_mutes: Vec<Mute> = mutes
+            .values()
+            .filter(|m| inner.mutes.get(&m.user_id).is_none_or(|known| known.created_at < m.created_at))
+            .cloned()
+            .collect();
+        for mute in inner.mutes.values().filter(|m| m.created_at + grace > now) {
+            if mutes.get(&mute.user_id).is_none_or(|stored| stored.created_at < mute.created_at) {
+                mutes.insert(mute.user_id.clone(), mute.clone());
+            }
+        }
+        inner.mutes = mutes;
+        inner.rooms = snapshot.rooms.into_iter().map(|r| (r.room.clone(), r)).collect();
+        (new_bans, new_mutes)
+    }
+
     /// Drops ended bans and mutes, idle slow-mode entries and spent strikes.
     pub fn prune(&self, now: u64, decay: Duration) {
         let mut inner = lock(&self.inner);
@@ -892,6 +925,37 @@ impl Hub {
                 self.store().write(writes);
             }
             Err(e) => tracing::info!(filter = %filter, error = %e.message, "escalation not carried out"),
+        }
+    }
+
+    /// Catches up with moderation done while this node was cut off from the
+    /// cluster's broker: reads the store's bans, mutes and room settings,
+    /// and closes or tells the users a missed ban or mute concerns.
+    pub(crate) async fn resync_moderation(&self) {
+        const GRACE_MS: u64 = 10_000;
+        let store = self.store().clone();
+        let now = now_ms();
+        let snapshot = match tokio::task::spawn_blocking(move || store.snapshot(now)).await {
+            Ok(Ok(snapshot)) => snapshot,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot catch up with moderation: the store is unavailable");
+                return;
+            }
+            Err(_) => return,
+        };
+        let (bans, mutes) = self.moderation.resync(snapshot, now, GRACE_MS);
+        for ban in bans.iter().filter(|b| b.expires_at.is_none_or(|end| end > now)) {
+            let Some(user) = &ban.user_id else { continue };
+            for client in self.clients_of(user) {
+                client.outbox.close(CloseCode::POLICY, &format!("banned: {}", ban.reason), CloseReason::Banned, false);
+            }
+        }
+        for mute in mutes.iter().filter(|m| m.until > now) {
+            let frame =
+                encode(&ServerFrame::Muted { until: mute.until, remaining_ms: mute.until - now, reason: &mute.reason });
+            for client in self.clients_of(&mute.user_id) {
+                client.outbox.push(frame.clone());
+            }
         }
     }
 

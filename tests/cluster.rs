@@ -507,11 +507,13 @@ fn redis_addr() -> SocketAddr {
 async fn a_node_cut_off_from_the_broker_keeps_its_clients_and_catches_up() {
     let cluster = Cluster::new();
     let proxy = Proxy::start(redis_addr()).await;
-    let a = TestServer::with_toml(&cluster.toml_via("", &format!("redis://{}", proxy.addr))).await;
+    let a = TestServer::with_toml(&cluster.toml_via(MODERATED, &format!("redis://{}", proxy.addr))).await;
     ready(a.addr).await;
-    let b = cluster.node("").await;
+    let b = cluster.node(MODERATED).await;
     let mut ann = a.client("ann").await;
     ann.join("lobby").await;
+    let mut ivy = user(a.addr, "u-9", "Ivy").await;
+    let mut moderator = user(b.addr, "mod-1", "Sentinel").await;
     let mut bob = b.client("bob").await;
     bob.join("lobby").await;
     until_presence(&mut ann, "join", "bob").await;
@@ -530,10 +532,12 @@ async fn a_node_cut_off_from_the_broker_keeps_its_clients_and_catches_up() {
     assert_eq!(refused["type"], "error", "{refused}");
     assert_eq!(refused["code"], "unavailable", "{refused}");
     assert!(refused["retry_after_ms"].as_u64().is_some(), "{refused}");
-    // The other node carries on meanwhile.
+    // The other node carries on meanwhile, moderation included.
     for text in ["during-1", "during-2"] {
         assert_eq!(post(&mut bob, "lobby", text).await["type"], "ack");
     }
+    let done = request(&mut moderator, json!({"type": "mute", "user": "u-9", "duration": 3600})).await;
+    assert_eq!(done["type"], "done", "{done}");
     assert_eq!(http_get(b.addr, "/readyz").await.0, 200);
 
     proxy.restore();
@@ -543,6 +547,10 @@ async fn a_node_cut_off_from_the_broker_keeps_its_clients_and_catches_up() {
     until(&mut bob, "after", |f| f["content"] == "after").await;
     post(&mut bob, "lobby", "welcome back").await;
     until(&mut ann, "welcome back", |f| f["content"] == "welcome back").await;
+    // The mute decided meanwhile holds here too.
+    until_type(&mut ivy, "muted").await;
+    ivy.join("lobby").await;
+    assert_eq!(post(&mut ivy, "lobby", "hi").await["code"], "muted");
     // What was said meanwhile is in history.
     let texts: Vec<String> = history(&mut ann, "lobby").await.into_iter().map(|(_, t)| t).collect();
     assert_eq!(texts, ["before", "during-1", "during-2", "after", "welcome back"]);
