@@ -218,7 +218,12 @@ fn connect_failed(shared: &Shared, error: String) {
 /// Returns the stream and any bytes read past the response headers.
 async fn establish(shared: &Shared, index: usize) -> io::Result<(TcpStream, Vec<u8>)> {
     let opts = &shared.opts;
-    let socket = if opts.addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // With a second node, odd-numbered clients connect there.
+    let (addr, host_header) = match &opts.also {
+        Some((addr, host_header)) if index % 2 == 1 => (*addr, host_header),
+        _ => (opts.addr, &opts.host_header),
+    };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_nodelay(true)?;
     // Abortive close (RST): no TIME_WAIT piles up between runs.
     socket.set_zero_linger()?;
@@ -226,7 +231,7 @@ async fn establish(shared: &Shared, index: usize) -> io::Result<(TcpStream, Vec<
         let host = 1 + (index % usize::from(opts.sources)) as u8;
         socket.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)), 0))?;
     }
-    let mut stream = socket.connect(opts.addr).await?;
+    let mut stream = socket.connect(addr).await?;
 
     let separator = if opts.path.contains('?') { '&' } else { '?' };
     let request = format!(
@@ -238,7 +243,7 @@ async fn establish(shared: &Shared, index: usize) -> io::Result<(TcpStream, Vec<
          Sec-WebSocket-Version: 13\r\n\r\n",
         path = opts.path,
         tag = shared.run_tag,
-        host = opts.host_header,
+        host = host_header,
     );
     stream.write_all(request.as_bytes()).await?;
 

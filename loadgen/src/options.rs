@@ -13,6 +13,9 @@ Target
   --url URL             ws://HOST:PORT/PATH of the server   [ws://127.0.0.1:8080/ws]
   --host HOST           override the URL's host (127.0.0.0/8, ::1 or localhost)
   --port PORT           override the URL's port
+  --also-port PORT      a second server (another node of a cluster) on the same
+                        host: odd-numbered clients connect there, so half the
+                        senders and half the receivers are on each node
   --server-pid PID      report the server's RSS (VmRSS) and CPU from /proc/PID
 
 Load
@@ -56,6 +59,8 @@ pub struct Options {
     pub host_header: String,
     /// Request path (with query, if any) before `nick=` is appended.
     pub path: String,
+    /// A second node (address and `Host` header) for odd-numbered clients.
+    pub also: Option<(SocketAddr, String)>,
     /// Connections to open.
     pub clients: usize,
     /// Rooms the clients are spread over.
@@ -96,6 +101,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, 
     let mut url = "ws://127.0.0.1:8080/ws".to_owned();
     let mut host: Option<String> = None;
     let mut port: Option<u16> = None;
+    let mut also_port: Option<u16> = None;
     let mut clients = 100usize;
     let mut rooms = 1usize;
     let mut senders: Option<usize> = None;
@@ -134,6 +140,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, 
                     "--url" => url = value,
                     "--host" => host = Some(value),
                     "--port" => port = Some(number(&name, &value)?),
+                    "--also-port" => also_port = Some(number(&name, &value)?),
                     "--clients" => clients = number(&name, &value)?,
                     "--rooms" => rooms = number(&name, &value)?,
                     "--senders" => senders = Some(number(&name, &value)?),
@@ -157,11 +164,16 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, 
     let port = port.unwrap_or(url_port);
     let ip = loopback_ip(&host)?;
     let addr = SocketAddr::new(ip, port);
-    let host_header = match ip {
+    let host_header_for = |port: u16| match ip {
         IpAddr::V4(v4) => format!("{v4}:{port}"),
         IpAddr::V6(v6) => format!("[{v6}]:{port}"),
     };
-    let url = format!("ws://{host_header}{path}");
+    let host_header = host_header_for(port);
+    let also = also_port.map(|p| (SocketAddr::new(ip, p), host_header_for(p)));
+    let url = match also_port {
+        Some(p) => format!("ws://{host_header}{path} + port {p}"),
+        None => format!("ws://{host_header}{path}"),
+    };
 
     if clients == 0 {
         return Err("--clients must be at least 1".into());
@@ -193,6 +205,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, 
         addr,
         host_header,
         path,
+        also,
         clients,
         rooms,
         senders,
@@ -284,6 +297,11 @@ mod tests {
         let o = parse_ok(&["--url", "ws://[::1]:8090/ws", "--port", "8091"]);
         assert_eq!(o.addr, "[::1]:8091".parse().unwrap());
         assert_eq!(o.url, "ws://[::1]:8091/ws");
+        assert!(o.also.is_none());
+        let o = parse_ok(&["--port", "8081", "--also-port=8082"]);
+        let (also, host) = o.also.expect("a second node");
+        assert_eq!((also, host.as_str()), ("127.0.0.1:8082".parse().unwrap(), "127.0.0.1:8082"));
+        assert_eq!(o.url, "ws://127.0.0.1:8081/ws + port 8082");
     }
 
     #[test]
