@@ -995,13 +995,14 @@ async fn heartbeat(cluster: Arc<Cluster>, hub: Weak<Hub>) {
     loop {
         tick.tick().await;
         let mut redis = cluster.redis.clone();
-        let beat = redis::cmd("SET")
-            .arg(cluster.key("node", &cluster.node))
-            .arg("1")
-            .arg("PX")
-            .arg(HEARTBEAT_TTL.as_millis() as u64)
-            .query_async::<()>(&mut redis)
-            .await;
+        // `NX` first: if the key had lapsed, the other nodes have dropped
+        // this node's members, and they must hear about them again.
+        let key = cluster.key("node", &cluster.node);
+        let ttl = HEARTBEAT_TTL.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(&key).arg("1").arg("PX").arg(ttl).arg("NX");
+        pipe.cmd("PEXPIRE").arg(&key).arg(ttl).ignore();
+        let beat = pipe.query_async::<(Option<String>,)>(&mut redis).await;
         if let Err(e) = &beat
             && cluster.beating.load(Ordering::Acquire)
         {
@@ -1010,6 +1011,12 @@ async fn heartbeat(cluster: Arc<Cluster>, hub: Weak<Hub>) {
         cluster.beating.store(beat.is_ok(), Ordering::Release);
         if !cluster.is_connected() {
             continue;
+        }
+        if let (Ok((Some(_),)), Some(hub)) = (&beat, hub.upgrade()) {
+            tracing::warn!("this node's heartbeat had lapsed; announcing its members again");
+            for (room, member, who) in hub.local_presence() {
+                cluster.publish(Effect::Presence { room, member, who, event: PresenceKind::Join, previous: None });
+            }
         }
         let nodes = cluster.remote_nodes();
         if nodes.is_empty() {

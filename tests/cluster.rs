@@ -294,6 +294,17 @@ async fn presence_and_history_agree_on_every_node() {
     let texts: Vec<&str> = from_a.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(texts, ["one", "two", "three"]);
     assert_eq!(from_a, from_b);
+
+    // A third node started now learns the members from Redis, and has the
+    // same history.
+    let c = cluster.node("").await;
+    let mut gil = c.client("gil").await;
+    let joined = gil.join("hall").await;
+    let expected: BTreeSet<String> = ["anna", "bob", "cat", "eve", "fay", "gil"].map(String::from).into();
+    assert_eq!(nicks(&joined), expected, "{joined}");
+    assert_eq!(joined["member_count"], 6);
+    assert_eq!(history(&mut gil, "hall").await, from_a);
+    until_presence(&mut ann, "join", "gil").await;
 }
 
 const MODERATED: &str = r#"
