@@ -648,7 +648,12 @@ impl Cluster {
         lock(&self.remote).get(room).map_or(0, HashMap::len)
     }
 
-    /// A user connected to another node, if any: (address, whether a guest).
+    /// Room memberships on other nodes, all rooms together.
+    pub fn remote_membership_count(&self) -> usize {
+        lock(&self.remote).values().map(HashMap::len).sum()
+    }
+
+    /// The address of a user connected to another node, if any.
     pub fn remote_user(&self, user_id: &str) -> Option<IpAddr> {
         lock(&self.remote).values().flat_map(|m| m.values()).find(|m| m.user == user_id).map(|m| m.addr)
     }

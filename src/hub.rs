@@ -460,6 +460,7 @@ impl Hub {
             rooms: lock(&self.rooms).len(),
             queued_frames: depths.clone().sum(),
             max_queued_frames: depths.max().unwrap_or(0),
+            cluster: self.cluster.as_ref().map(|c| (c.is_connected(), c.remote_membership_count())),
         }
     }
 

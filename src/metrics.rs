@@ -123,6 +123,9 @@ pub struct Snapshot {
     pub queued_frames: usize,
     /// Frames waiting in the longest outbound queue.
     pub max_queued_frames: usize,
+    /// In a cluster: whether the broker is reachable, and how many room
+    /// members other nodes have.
+    pub cluster: Option<(bool, usize)>,
 }
 
 impl Metrics {
@@ -178,6 +181,20 @@ impl Metrics {
             .collect();
         metric("wardroom_connections_refused_total", "counter", "Connections refused, by reason.", &refused);
         metric("wardroom_rooms", "gauge", "Rooms that exist.", &plain(now.rooms as u64));
+        if let Some((connected, remote_members)) = now.cluster {
+            metric(
+                "wardroom_cluster_broker_connected",
+                "gauge",
+                "1 while this node reaches the cluster's broker (and takes messages), else 0.",
+                &plain(u64::from(connected)),
+            );
+            metric(
+                "wardroom_cluster_remote_members",
+                "gauge",
+                "Room memberships on the other nodes of the cluster, as this node knows them.",
+                &plain(remote_members as u64),
+            );
+        }
         metric(
             "wardroom_messages_in_total",
             "counter",

@@ -539,6 +539,8 @@ async fn a_node_cut_off_from_the_broker_keeps_its_clients_and_catches_up() {
     .await
     .expect("the cut-off node reports itself not ready");
     assert_eq!(unready.trim(), "cluster broker unreachable");
+    let metrics = http_get(a.addr, "/metrics").await.1;
+    assert!(metrics.contains("\nwardroom_cluster_broker_connected 0\n"), "{metrics}");
     let refused = post(&mut ann, "lobby", "lost?").await;
     assert_eq!(refused["type"], "error", "{refused}");
     assert_eq!(refused["code"], "unavailable", "{refused}");
@@ -553,6 +555,8 @@ async fn a_node_cut_off_from_the_broker_keeps_its_clients_and_catches_up() {
 
     proxy.restore();
     ready(a.addr).await;
+    let metrics = http_get(a.addr, "/metrics").await.1;
+    assert!(metrics.contains("\nwardroom_cluster_broker_connected 1\n"), "{metrics}");
     // Ann's connection stayed open: she posts again, and both sides see it.
     post_until(&mut ann, "after", |answer| answer["type"] == "ack").await;
     until(&mut bob, "after", |f| f["content"] == "after").await;
