@@ -827,17 +827,12 @@ impl Hub {
         ts: u64,
     ) -> PostRequest {
         let frame = encode(&ServerFrame::Message { room, id: 0, from: nick, user: user_id, content, ts });
-        let json = json_of(&frame);
-        // `room` comes first and is a JSON string, inside which a quote is
-        // always escaped: the first `,"id":0,` is the field.
-        const ID: &str = ",\"id\":0,";
-        let at = json.find(ID).unwrap_or(0);
-        let (head, tail) = (&json[..at + ID.len() - 2], &json[at + ID.len() - 1..]);
+        let (head, tail) = split_at_id(&json_of(&frame));
         PostRequest {
             room: room.clone(),
             floor,
-            head: head.to_owned(),
-            tail: tail.to_owned(),
+            head,
+            tail,
             user_id: user_id.to_owned(),
             ts,
             token: 0,
@@ -1211,6 +1206,18 @@ fn cut_off() -> RequestError {
     }
 }
 
+/// Splits a `message` frame's JSON (with id 0) around the id's value.
+/// `room` comes before `id` and is a JSON string, inside which a quote is
+/// always escaped, so the first `,"id":0,` is the field.
+fn split_at_id(json: &str) -> (String, String) {
+    const ID: &str = ",\"id\":0,";
+    match json.find(ID) {
+        Some(at) => (json[..at + ID.len() - 2].to_owned(), json[at + ID.len() - 1..].to_owned()),
+        // Not a shape this build writes; a later `id` key wins in JSON.
+        None => (format!("{},\"id\":", json.trim_end().trim_end_matches('}')), "}".to_owned()),
+    }
+}
+
 /// A frame's JSON text.
 pub(crate) fn json_of(frame: &Bytes) -> String {
     String::from_utf8_lossy(payload_of(frame)).into_owned()
@@ -1239,4 +1246,28 @@ pub fn random_u64() -> u64 {
         return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     }
     u64::from_ne_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_splits_around_its_id() {
+        let frame = encode(&ServerFrame::Message {
+            room: "a\",\"id\":0,\"",
+            id: 0,
+            from: "ann",
+            user: "guest:1",
+            content: ",\"id\":0,",
+            ts: 5,
+        });
+        let (head, tail) = split_at_id(&json_of(&frame));
+        let value: serde_json::Value = serde_json::from_str(&format!("{head}42{tail}")).expect("valid JSON");
+        assert_eq!((value["id"].as_u64(), value["room"].as_str()), (Some(42), Some("a\",\"id\":0,\"")));
+        assert_eq!(value["content"], ",\"id\":0,");
+        let (head, tail) = split_at_id("{\"type\":\"message\"}");
+        let value: serde_json::Value = serde_json::from_str(&format!("{head}7{tail}")).expect("valid JSON");
+        assert_eq!(value["id"], 7);
+    }
 }
