@@ -833,6 +833,9 @@ async fn subscriber(cluster: Arc<Cluster>, hub: Weak<Hub>) {
         match connect_subscriber(&cluster, &rooms, &effects).await {
             Ok(pubsub) => {
                 let (mut sink, mut stream) = pubsub.split();
+                if let Some(hub) = hub.upgrade() {
+                    hub.new_subscription();
+                }
                 let caught_up = match hub.upgrade() {
                     Some(hub) => {
                         if reconnecting {

@@ -68,7 +68,30 @@ pub struct Hub {
     this: Weak<Hub>,
     /// The other nodes, when this node is one of a cluster (`[cluster]`).
     pub(crate) cluster: Option<Arc<Cluster>>,
+    /// In a cluster: what the broker delivered for rooms not open here, so
+    /// a room opened while messages are on their way to the store misses
+    /// none. Taken after `rooms` (or after a room's state), never before.
+    heard: Mutex<Heard>,
 }
+
+/// Messages the broker delivered for rooms that are not open on this node.
+#[derive(Debug, Default)]
+struct Heard {
+    /// The last id delivered per room since the subscription began: a room
+    /// opened here continues from it (what the store has beyond it is still
+    /// on its way from the broker).
+    last: HashMap<Arc<str>, u64>,
+    /// The latest of those messages (their commits may still be on their
+    /// way), oldest first.
+    recent: VecDeque<(Arc<str>, u64, Bytes)>,
+}
+
+/// Messages of rooms not open on this node kept for [`Hub::room_for_join`].
+const RECENT_KEPT: usize = 1024;
+/// Rooms whose last delivered id is remembered; beyond, the memory starts over.
+const HEARD_ROOMS: usize = 100_000;
+/// Latest messages of a room closed here that are kept the same way.
+const RECENT_PER_ROOM: usize = 64;
 
 /// A chat room.
 #[derive(Debug)]
@@ -91,6 +114,9 @@ struct RoomState {
     history: VecDeque<(u64, Bytes)>,
     /// Set when the room was removed from the hub; a joiner must retry.
     removed: bool,
+    /// In a cluster: nothing was delivered since the broker subscription
+    /// began again, so `last_id` may be behind what the store has.
+    stale: bool,
 }
 
 impl Room {
@@ -117,6 +143,7 @@ impl Hub {
         Ok(Arc::new_cyclic(|this| Self {
             store,
             cluster,
+            heard: Mutex::default(),
             moderation: ModerationState::load(snapshot),
             this: this.clone(),
             reloader,
@@ -624,9 +651,31 @@ impl Hub {
         let policies = self.policies();
         let unavailable =
             |e: StoreError| RequestError::new(ErrorCode::Unavailable, format!("cannot open the room: {e}"));
-        let last_id = self.store.last_message_id(name).map_err(unavailable)?;
+        let mut last_id = self.store.last_message_id(name).map_err(unavailable)?;
         let history = self.store.history(name, None, policies.config.rooms.history_kept).map_err(unavailable)?;
-        let history = history.into_iter().map(|m| (m.id, crate::ws::text_frame(m.json.as_bytes()))).collect();
+        let mut history: VecDeque<(u64, Bytes)> =
+            history.into_iter().map(|m| (m.id, crate::ws::text_frame(m.json.as_bytes()))).collect();
+        // A commit between the two reads may have added to the history.
+        last_id = last_id.max(history.back().map_or(0, |(id, _)| *id));
+        if self.cluster.is_some() {
+            let heard = lock(&self.heard);
+            if let Some(&cursor) = heard.last.get(name) {
+                // Continue from the broker's position: what the store has
+                // beyond it arrives live, and what it lacks up to it (commits
+                // still on their way) comes from what was heard.
+                history.retain(|(id, _)| *id <= cursor);
+                for (_, id, frame) in heard.recent.iter().filter(|(room, _, _)| &**room == name) {
+                    if *id <= cursor && !history.iter().any(|(known, _)| known == id) {
+                        history.push_back((*id, frame.clone()));
+                    }
+                }
+                history.make_contiguous().sort_by_key(|(id, _)| *id);
+                last_id = cursor;
+            }
+        }
+        while history.len() > policies.config.rooms.history_kept {
+            history.pop_front();
+        }
         let name: Arc<str> = name.into();
         let room = Arc::new(Room {
             name: name.clone(),
@@ -701,6 +750,20 @@ impl Hub {
             if state.members.is_empty() && !state.removed {
                 state.removed = true;
                 rooms.remove(&room.name);
+                if self.cluster.is_some() {
+                    // Commits of the latest messages may still be on their
+                    // way (from another node): a room opened again soon
+                    // continues from here.
+                    let skip = state.history.len().saturating_sub(RECENT_PER_ROOM);
+                    for (id, frame) in state.history.iter().skip(skip) {
+                        self.heard(&room.name, *id, frame);
+                    }
+                    if !state.stale {
+                        let mut heard = lock(&self.heard);
+                        let last = heard.last.entry(room.name.clone()).or_default();
+                        *last = (*last).max(state.last_id);
+                    }
+                }
             }
         }
     }
@@ -912,13 +975,26 @@ impl Hub {
     /// the room's members here, in id order; an id already seen (the room
     /// was opened from a store that had it) is skipped. `own` is the token
     /// of this node's post, whose ack may now be due.
-    pub(crate) fn deliver_published(&self, room: &str, id: u64, json: &str, own: Option<u64>) {
-        let open = lock(&self.rooms).get(room).cloned();
-        if let Some(room) = open {
+    pub(crate) fn deliver_published(&self, name: &str, id: u64, json: &str, own: Option<u64>) {
+        let frame = crate::ws::text_frame(json.as_bytes());
+        loop {
+            let open = {
+                let rooms = lock(&self.rooms);
+                let open = rooms.get(name).cloned();
+                if open.is_none() {
+                    self.heard(name, id, &frame);
+                }
+                open
+            };
+            let Some(room) = open else { break };
             let history_kept = self.policies().config.rooms.history_kept;
             let mut state = lock(&room.state);
+            if state.removed {
+                // Closed meanwhile (and maybe opened again): look again.
+                continue;
+            }
+            state.stale = false;
             if id > state.last_id {
-                let frame = crate::ws::text_frame(json.as_bytes());
                 state.last_id = id;
                 state.history.push_back((id, frame.clone()));
                 while state.history.len() > history_kept {
@@ -926,10 +1002,39 @@ impl Hub {
                 }
                 self.fan_out(&state, &frame, None);
             }
+            break;
         }
         if let (Some(token), Some(cluster)) = (own, &self.cluster) {
             self.release_acks(cluster.delivered(token).into_iter().collect());
         }
+    }
+
+    /// Remembers a message of a room that is not open here (see `heard`).
+    fn heard(&self, room: &str, id: u64, frame: &Bytes) {
+        let mut heard = lock(&self.heard);
+        if heard.recent.len() >= RECENT_KEPT {
+            heard.recent.pop_front();
+        }
+        let room: Arc<str> = room.into();
+        heard.recent.push_back((room.clone(), id, frame.clone()));
+        if heard.last.len() >= HEARD_ROOMS && !heard.last.contains_key(&room) {
+            heard.last.clear();
+        }
+        let last = heard.last.entry(room).or_default();
+        *last = (*last).max(id);
+    }
+
+    /// A new subscription to the broker: what it delivers continues from
+    /// nothing heard so far (what was published while there was none is in
+    /// the store).
+    pub(crate) fn new_subscription(&self) {
+        let rooms = lock(&self.rooms);
+        for room in rooms.values() {
+            lock(&room.state).stale = true;
+        }
+        let mut heard = lock(&self.heard);
+        heard.last.clear();
+        heard.recent.clear();
     }
 
     /// Members of a room: here and, in a cluster, on the other nodes.

@@ -664,3 +664,39 @@ async fn concurrent_first_posts_to_a_room_get_distinct_ids() {
         assert_eq!(ids, [1, 2].into(), "{first} {second}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_opened_during_traffic_misses_no_message() {
+    const OPENINGS: usize = 30;
+    let cluster = Cluster::new();
+    let (a, b) = (cluster.node("").await, cluster.node("").await);
+    let mut ann = a.client("ann").await;
+    ann.join("busy").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sending = stop.clone();
+    let sender = tokio::spawn(async move {
+        let mut i = 0;
+        while !sending.load(Ordering::Relaxed) {
+            ann.send(json!({"type": "message", "room": "busy", "content": format!("m{i}")})).await;
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        ann
+    });
+    // Bob is the only member on B: each join opens the room on B while
+    // A's messages are on their way to the store, each leave closes it.
+    let mut bob = b.client("bob").await;
+    for opening in 0..OPENINGS {
+        let joined = bob.join("busy").await;
+        let history: Vec<u64> =
+            joined["history"].as_array().expect("history").iter().filter_map(|m| m["id"].as_u64()).collect();
+        let next = until_type(&mut bob, "message").await["id"].as_u64().expect("id");
+        if let Some(last) = history.last() {
+            assert_eq!(next, last + 1, "opening {opening}: joined ends at {last}, then {next} arrives");
+        }
+        let left = request(&mut bob, json!({"type": "leave", "room": "busy"})).await;
+        assert_eq!(left["type"], "left", "{left}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    sender.await.expect("sender");
+}
