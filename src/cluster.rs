@@ -707,7 +707,7 @@ impl Cluster {
     }
 
     /// Every member this node knows on other nodes: (room, member key, who).
-    fn all_remote(&self) -> Vec<(String, String, RemoteMember)> {
+    pub fn all_remote(&self) -> Vec<(String, String, RemoteMember)> {
         lock(&self.remote)
             .iter()
             .flat_map(|(room, members)| members.iter().map(|(m, who)| (room.clone(), m.clone(), who.clone())))

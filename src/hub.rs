@@ -450,10 +450,10 @@ impl Hub {
     /// Rooms and their members, for the admin API.
     pub fn room_overview(&self) -> serde_json::Value {
         let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
-        let mut overview: Vec<serde_json::Value> = rooms
+        let mut members: std::collections::BTreeMap<String, Vec<serde_json::Value>> = rooms
             .iter()
             .map(|room| {
-                let members: Vec<serde_json::Value> = lock(&room.state)
+                let members = lock(&room.state)
                     .members
                     .values()
                     .map(|c| {
@@ -461,9 +461,23 @@ impl Hub {
                         serde_json::json!({"user": identity.view(), "conn": c.id, "addr": c.addr.to_string()})
                     })
                     .collect();
-                let settings = self.moderation.room(&room.name);
+                (room.name.to_string(), members)
+            })
+            .collect();
+        if let Some(cluster) = &self.cluster {
+            // Members on other nodes: `conn` is `<node>:<connection>` there.
+            for (room, member, who) in cluster.all_remote() {
+                let view =
+                    serde_json::json!({"user": who.view(who.roles()), "conn": member, "addr": who.addr.to_string()});
+                members.entry(room).or_default().push(view);
+            }
+        }
+        let overview = members
+            .into_iter()
+            .map(|(room, members)| {
+                let settings = self.moderation.room(&room);
                 serde_json::json!({
-                    "room": &*room.name,
+                    "room": room,
                     "member_count": members.len(),
                     "members": members,
                     "slow_mode": settings.slow_mode_secs,
@@ -471,7 +485,6 @@ impl Hub {
                 })
             })
             .collect();
-        overview.sort_by(|a, b| a["room"].as_str().cmp(&b["room"].as_str()));
         serde_json::Value::Array(overview)
     }
 

@@ -250,8 +250,9 @@ async fn clients_on_two_nodes_see_every_message_in_one_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_and_history_agree_on_every_node() {
+    let admin = "[admin]\ntoken = \"admin-token\"\n";
     let cluster = Cluster::new();
-    let (a, b) = (cluster.node("").await, cluster.node("").await);
+    let (a, b) = (cluster.node(admin).await, cluster.node(admin).await);
     let mut ann = a.client("ann").await;
     ann.join("hall").await;
     let mut bob = b.client("bob").await;
@@ -305,6 +306,12 @@ async fn presence_and_history_agree_on_every_node() {
     assert_eq!(joined["member_count"], 6);
     assert_eq!(history(&mut gil, "hall").await, from_a);
     until_presence(&mut ann, "join", "gil").await;
+    // The admin API of any node lists the members of every node.
+    let (status, body) = http_request(a.addr, "GET", "/admin/rooms", "Authorization: Bearer admin-token\r\n").await;
+    assert_eq!(status, 200, "{body}");
+    let rooms: Value = serde_json::from_str(&body).expect("JSON");
+    let hall = rooms.as_array().and_then(|r| r.iter().find(|r| r["room"] == "hall")).expect("hall is listed");
+    assert_eq!(hall["member_count"], 6, "{hall}");
 }
 
 const MODERATED: &str = r#"
