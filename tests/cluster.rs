@@ -653,6 +653,20 @@ async fn a_config_reload_on_one_node_reaches_the_others() {
     // B was not asked; it reloads because A said so.
     let refused = post_until(&mut bob, "zebra", |answer| answer["type"] == "error").await;
     assert_eq!(refused["code"], "profanity", "{refused}");
+
+    // `[cluster]` is read at start-up: a reload that changes it says so and
+    // keeps the node in its cluster.
+    let moved = cluster.toml(base).replace(&cluster.broker.prefix, "elsewhere");
+    file.write_in_place(&moved);
+    let (status, body) = http_request(a.addr, "POST", "/admin/reload", "Authorization: Bearer admin-token\r\n").await;
+    assert_eq!(status, 200, "{body}");
+    let reload: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(reload["outcome"], "applied", "{reload}");
+    assert!(reload["restart_required"].as_array().is_some_and(|keys| keys.contains(&json!("cluster"))), "{reload}");
+    let mut ann = a.client("ann").await;
+    ann.join("lobby").await;
+    assert_eq!(post(&mut ann, "lobby", "still here").await["type"], "ack");
+    until(&mut bob, "a message from A", |f| f["content"] == "still here").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
