@@ -522,9 +522,18 @@ impl Cluster {
         lock(&self.tasks).extend(handles);
     }
 
-    /// Stops the background tasks and removes this node's heartbeat and
-    /// members, so the others see it gone at once.
+    /// Stops the background tasks, once the effects already queued (the
+    /// departures of the clients closed at shutdown) are published, and
+    /// removes this node's heartbeat, so the others see it gone at once.
     pub async fn stop(&self) {
+        let drained = async {
+            while self.effects.capacity() < self.effects.max_capacity() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // The publisher's last batch is on its way.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = tokio::time::timeout(REDIS_TIMEOUT, drained).await;
         for task in lock(&self.tasks).drain(..) {
             task.abort();
         }

@@ -45,6 +45,10 @@
 //! taskset -c 1 wardroom-loadgen --url ws://127.0.0.1:8080/ws --clients 2000 \
 //!     --rooms 10 --senders 100 --rate 10000 --warmup 3 --duration 10 \
 //!     --sources 16 --server-pid $(pgrep -x wardroom) --json
+//! # two nodes of a cluster: odd-numbered clients on the second, so messages
+//! # cross from node to node through the broker
+//! wardroom-loadgen --port 8081 --also-port 8082 --clients 200 --rooms 2 \
+//!     --senders 20 --rate 2000 --ack
 //! # server memory per idle connection
 //! wardroom-loadgen --idle --clients 10000 --rooms 500 --sources 79 \
 //!     --server-pid $PID --duration 10
