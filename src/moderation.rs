@@ -690,11 +690,20 @@ impl Hub {
         let Some(author) = author else {
             return Err(not_found(format!("no message {id} in room {room:?}")));
         };
-        self.effect(Effect::Delete { room: room.to_owned(), id });
-        Ok(vec![
-            Write::DeleteMessage { room: room.to_owned(), id },
-            audit(actor, "delete", Some(author), Some(room), reason, Some(format!("{{\"message_id\":{id}}}"))),
-        ])
+        // Announced once the store no longer has it, so that whoever is told
+        // "deleted" (on any node) never finds the message in `history`. The
+        // audit entry is queued behind the deletion, so the moderator's
+        // `done` (sent when it commits) also comes after.
+        let (hub, owned_room) = (self.self_ref(), room.to_owned());
+        self.commit_then(vec![Write::DeleteMessage { room: room.to_owned(), id }], move |result| match result {
+            Ok(_) => {
+                if let Some(hub) = hub.upgrade() {
+                    hub.effect(Effect::Delete { room: owned_room, id });
+                }
+            }
+            Err(e) => tracing::error!(room = %owned_room, id, error = %e, "could not delete a message"),
+        });
+        Ok(vec![audit(actor, "delete", Some(author), Some(room), reason, Some(format!("{{\"message_id\":{id}}}")))])
     }
 
     fn report(&self, reporter: &Identity, room: &str, id: u64, reason: &str) -> Result<Vec<Write>, RequestError> {
