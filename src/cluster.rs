@@ -17,7 +17,8 @@
 //! - **Presence** is also kept in one hash per room (`P:members:<room>`,
 //!   member `<node>:<conn>`), read whole when a node (re)connects.
 //! - **Liveness.** Each node sets `P:node:<id>` with a 3 s expiry every
-//!   second. A node whose key expired is gone: the others drop its members.
+//!   second. A node whose key is gone at two checks in a row (a second
+//!   apart) is gone: the others drop its members.
 //! - **Strikes** are counted in `P:strikes:<user>` by [`STRIKES_SCRIPT`], so
 //!   a user on two nodes is counted once.
 //!
@@ -27,7 +28,7 @@
 //! back, reloads presence and announces its own members again. Messages
 //! published meanwhile are in the store: clients catch up with `history`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -1005,8 +1006,9 @@ async fn catch_up(cluster: &Cluster, hub: &Arc<Hub>) -> redis::RedisResult<()> {
 }
 
 /// Says this node is alive every [`HEARTBEAT_EVERY`], and drops the members
-/// of nodes whose heartbeat lapsed.
+/// of nodes whose heartbeat key is gone at two checks in a row.
 async fn heartbeat(cluster: Arc<Cluster>, hub: Weak<Hub>) {
+    let mut missed_once: HashSet<String> = HashSet::new();
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1045,10 +1047,13 @@ async fn heartbeat(cluster: Arc<Cluster>, hub: Weak<Hub>) {
         }
         let Ok(alive) = pipe.query_async::<Vec<bool>>(&mut redis).await else { continue };
         let Some(hub) = hub.upgrade() else { return };
-        for (node, alive) in nodes.iter().zip(alive) {
-            if alive {
-                continue;
-            }
+        // Gone at two checks in a row: a node whose key lapsed for a moment
+        // announces its members again, and that must not be undone here.
+        let missing: HashSet<String> =
+            nodes.into_iter().zip(alive).filter(|(_, alive)| !alive).map(|(node, _)| node).collect();
+        let gone: Vec<String> = missing.intersection(&missed_once).cloned().collect();
+        missed_once = missing;
+        for node in &gone {
             tracing::warn!(node = %node, "a cluster node stopped beating; dropping its members");
             let mut cleanup = redis::pipe();
             for (room, member, who) in cluster.members_of_node(node) {
