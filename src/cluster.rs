@@ -21,10 +21,16 @@
 //!   apart) is gone: the others drop its members.
 //! - **Strikes** are counted in `P:strikes:<user>` by [`STRIKES_SCRIPT`], so
 //!   a user on two nodes is counted once.
+//! - **Guest nicknames** are held in one hash, `P:nicks` (folded nickname →
+//!   `<node>:<conn>`), claimed by [`CLAIM_NICK_SCRIPT`] (free, ours, or
+//!   held by a node whose heartbeat is gone) and released by
+//!   [`RELEASE_NICK_SCRIPT`] (only if ours), in order, by one task. Staff
+//!   names seen by any node are in `P:staff` (their look-alike keys), which
+//!   the claim checks too.
 //!
 //! While the subscriber is cut off from Redis the node is not ready
-//! (`/readyz` 503), refuses posts with `unavailable` (ids must come from one
-//! place) and keeps its connections; it reconnects with backoff and, once
+//! (`/readyz` 503), refuses posts and nickname changes with `unavailable`
+//! (ids and nicknames must come from one place) and keeps its connections; it reconnects with backoff and, once
 //! back, reloads presence and announces its own members again. Messages
 //! published meanwhile are in the store: clients catch up with `history`.
 
@@ -84,6 +90,48 @@ local after = points + tonumber(ARGV[1])
 redis.call('HSET', KEYS[1], 'points', tostring(after), 'since', string.format('%d', since))
 redis.call('PEXPIRE', KEYS[1], math.ceil(after + 1) * decay)
 return {tostring(points), tostring(after), string.format('%d', since)}
+"#;
+
+/// Claims a guest nickname for a connection. `KEYS`: the nicknames hash and
+/// the staff names set. `ARGV`: the folded nickname, the owner
+/// (`<node>:<conn>`), the prefix of heartbeat keys (`P:node:`), and the
+/// nickname's look-alike key (empty: not checked), and the claiming node.
+/// Returns 1 if the nickname is now the owner's (it was free, held by the
+/// claiming node, whose own map already settled it, or held by a node whose
+/// heartbeat key is gone), 0 if a connection of another live node holds it,
+/// 2 if it looks like a staff member's name.
+pub const CLAIM_NICK_SCRIPT: &str = r#"
+if ARGV[4] ~= '' and redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then return 2 end
+local owner = redis.call('HGET', KEYS[1], ARGV[1])
+if owner and owner ~= ARGV[2] then
+  local node = string.match(owner, '^([^:]*):')
+  if node and node ~= ARGV[5] and redis.call('EXISTS', ARGV[3] .. node) == 1 then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#;
+
+/// Releases a nickname if the owner still holds it. `KEYS`: the nicknames
+/// hash. `ARGV`: the folded nickname and the owner. Returns 1 if released.
+pub const RELEASE_NICK_SCRIPT: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"#;
+
+/// Releases every nickname a node holds (when it stops). `KEYS`: the
+/// nicknames hash. `ARGV`: `<node>:`. Returns how many were released.
+const RELEASE_NODE_SCRIPT: &str = r#"
+local all = redis.call('HGETALL', KEYS[1])
+local released = 0
+for i = 1, #all, 2 do
+  if string.sub(all[i + 1], 1, #ARGV[1]) == ARGV[1] then
+    redis.call('HDEL', KEYS[1], all[i])
+    released = released + 1
+  end
+end
+return released
 "#;
 
 /// Most posts sent to Redis in one pipeline.
@@ -323,6 +371,75 @@ impl From<&RoomSettings> for Effect {
     }
 }
 
+/// A nickname asked for by a local guest, waiting for the broker's answer.
+#[derive(Debug)]
+pub struct NickClaim {
+    /// Who asks.
+    pub client: Arc<Client>,
+    /// The nickname, as asked.
+    pub nick: String,
+    /// What the answer is for.
+    pub purpose: NickPurpose,
+}
+
+/// Why a nickname is claimed.
+#[derive(Debug)]
+pub enum NickPurpose {
+    /// A guest connecting: `welcome` waits for the answer.
+    Connect {
+        /// The error to send after `welcome` (the requested nickname was
+        /// refused here already).
+        error: Option<crate::protocol::RequestError>,
+        /// The nickname is a `guest-NNNN` this node picked.
+        picked: bool,
+    },
+    /// A `nick` request: `renamed` or an error waits for the answer.
+    Change {
+        /// The request's `ref`.
+        reference: Option<Ref>,
+    },
+}
+
+/// The broker's answer to a [`NickClaim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NickAnswer {
+    /// The nickname is the connection's.
+    Claimed,
+    /// A connection on another node holds it.
+    Taken,
+    /// It looks like the name of a staff member seen on another node.
+    Staff,
+    /// The broker could not be asked (the reason).
+    Failed(String),
+}
+
+/// What the nickname task sends to Redis, in order.
+#[derive(Debug)]
+pub enum NickOp {
+    /// Claim a nickname for a guest; the answer goes to the hub.
+    Claim(NickClaim),
+    /// Claim again a nickname a local connection holds (after the node
+    /// reconnects): a refusal is only logged.
+    Assert {
+        /// Folded nickname.
+        key: String,
+        /// The connection holding it.
+        conn: u64,
+    },
+    /// Release a nickname if the connection still holds it.
+    Release {
+        /// Folded nickname.
+        key: String,
+        /// The connection that held it.
+        conn: u64,
+    },
+    /// Remember a staff member's look-alike key for every node.
+    Staff {
+        /// The key ([`crate::identity::impersonation_key`]).
+        look: String,
+    },
+}
+
 /// An effect with the node it comes from.
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
@@ -402,6 +519,9 @@ pub enum AckReady {
     },
 }
 
+/// The receiving halves of the cluster's queues.
+type Receivers = (mpsc::Receiver<PostRequest>, mpsc::Receiver<Envelope>, mpsc::Receiver<NickOp>);
+
 /// This node's part of the cluster: its connections to Redis, what it knows
 /// of the other nodes' members, and the acks waiting for the broker.
 pub struct Cluster {
@@ -422,7 +542,9 @@ pub struct Cluster {
     /// Effects for the publisher task.
     effects: mpsc::Sender<Envelope>,
     /// The receiving halves, taken by [`Cluster::start`].
-    receivers: Mutex<Option<(mpsc::Receiver<PostRequest>, mpsc::Receiver<Envelope>)>>,
+    receivers: Mutex<Option<Receivers>>,
+    /// Nickname claims and releases for the nickname task.
+    nicks: mpsc::Sender<NickOp>,
     /// Acks waiting for their message, by token.
     pending: Mutex<HashMap<u64, PendingAck>>,
     /// Source of post tokens (0 means nobody waits).
@@ -468,6 +590,7 @@ impl Cluster {
         let redis = ConnectionManager::new_lazy_with_config(client.clone(), manager_config).map_err(error)?;
         let (posts, posts_rx) = mpsc::channel(QUEUE);
         let (effects, effects_rx) = mpsc::channel(QUEUE);
+        let (nicks, nicks_rx) = mpsc::channel(QUEUE);
         Ok(Arc::new(Cluster {
             node: format!("{:016x}", crate::hub::random_u64()),
             prefix: config.prefix.clone(),
@@ -477,7 +600,8 @@ impl Cluster {
             beating: AtomicBool::new(false),
             posts,
             effects,
-            receivers: Mutex::new(Some((posts_rx, effects_rx))),
+            receivers: Mutex::new(Some((posts_rx, effects_rx, nicks_rx))),
+            nicks,
             pending: Mutex::default(),
             next_token: AtomicU64::new(1),
             remote: Mutex::default(),
@@ -511,11 +635,12 @@ impl Cluster {
 
     /// Starts the poster, publisher, subscriber and heartbeat tasks for `hub`.
     pub fn start(self: &Arc<Self>, hub: &Arc<Hub>) {
-        let Some((posts, effects)) = lock(&self.receivers).take() else { return };
+        let Some((posts, effects, nicks)) = lock(&self.receivers).take() else { return };
         let hub = Arc::downgrade(hub);
         let handles = [
             tokio::spawn(poster(self.clone(), hub.clone(), posts)).abort_handle(),
             tokio::spawn(publisher(self.clone(), effects)).abort_handle(),
+            tokio::spawn(nicknamer(self.clone(), hub.clone(), nicks)).abort_handle(),
             tokio::spawn(subscriber(self.clone(), hub.clone())).abort_handle(),
             tokio::spawn(heartbeat(self.clone(), hub.clone())).abort_handle(),
             tokio::spawn(announce_reloads(self.clone(), hub)).abort_handle(),
@@ -524,11 +649,14 @@ impl Cluster {
     }
 
     /// Stops the background tasks, once the effects already queued (the
-    /// departures of the clients closed at shutdown) are published, and
-    /// removes this node's heartbeat, so the others see it gone at once.
+    /// departures of the clients closed at shutdown) are published and the
+    /// nicknames released, releases whatever nickname this node still holds,
+    /// and removes this node's heartbeat, so the others see it gone at once.
     pub async fn stop(&self) {
         let drained = async {
-            while self.effects.capacity() < self.effects.max_capacity() {
+            while self.effects.capacity() < self.effects.max_capacity()
+                || self.nicks.capacity() < self.nicks.max_capacity()
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             // The publisher's last batch is on its way.
@@ -540,8 +668,29 @@ impl Cluster {
         }
         let mut redis = self.redis.clone();
         let mut pipe = redis::pipe();
+        pipe.cmd("EVAL").arg(RELEASE_NODE_SCRIPT).arg(1).arg(self.nicks_key()).arg(format!("{}:", self.node)).ignore();
         pipe.del(self.key("node", &self.node)).ignore();
         let _ = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(&mut redis)).await;
+    }
+
+    /// Queues a nickname claim or release for the broker, in order with the
+    /// others; gives the operation back if the queue is full.
+    pub fn queue_nick(&self, op: NickOp) -> Result<(), Box<NickOp>> {
+        self.nicks.try_send(op).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op) => Box::new(op),
+        })
+    }
+
+    /// Queues the release of a nickname a local connection held (a full
+    /// queue is logged: the nickname stays held until this node stops).
+    pub fn release_nick(&self, key: String, conn: u64) {
+        if self.queue_nick(NickOp::Release { key, conn }).is_err() {
+            tracing::warn!("a nickname release was dropped: the broker queue is full");
+        }
+    }
+
+    fn nicks_key(&self) -> String {
+        format!("{}:nicks", self.prefix)
     }
 
     /// Queues a post; its ack (if `waiting` has one) is held until the
@@ -794,6 +943,90 @@ async fn poster(cluster: Arc<Cluster>, hub: Weak<Hub>, mut posts: mpsc::Receiver
     }
 }
 
+/// Sends nickname claims and releases to Redis in pipelined batches, in the
+/// order they were queued, and hands each claim's answer to the hub.
+async fn nicknamer(cluster: Arc<Cluster>, hub: Weak<Hub>, mut ops: mpsc::Receiver<NickOp>) {
+    let claim = redis::Script::new(CLAIM_NICK_SCRIPT);
+    let release = redis::Script::new(RELEASE_NICK_SCRIPT);
+    let (nicks, staff) = (cluster.nicks_key(), cluster.key("staff", ""));
+    let heartbeats = cluster.key("node", "");
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        if ops.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(CLAIM_NICK_SCRIPT).ignore();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(RELEASE_NICK_SCRIPT).ignore();
+        for op in &batch {
+            let owner = |conn: u64| cluster.member_key(conn);
+            match op {
+                NickOp::Claim(NickClaim { client, nick, .. }) => {
+                    pipe.cmd("EVALSHA")
+                        .arg(claim.get_hash())
+                        .arg(2)
+                        .arg(&nicks)
+                        .arg(&staff)
+                        .arg(crate::names::fold_nick(nick))
+                        .arg(owner(client.id))
+                        .arg(&heartbeats)
+                        .arg(crate::identity::impersonation_key(nick))
+                        .arg(&cluster.node);
+                }
+                NickOp::Assert { key, conn } => {
+                    pipe.cmd("EVALSHA")
+                        .arg(claim.get_hash())
+                        .arg(2)
+                        .arg(&nicks)
+                        .arg(&staff)
+                        .arg(key)
+                        .arg(owner(*conn))
+                        .arg(&heartbeats)
+                        .arg("")
+                        .arg(&cluster.node);
+                }
+                NickOp::Release { key, conn } => {
+                    pipe.cmd("EVALSHA").arg(release.get_hash()).arg(1).arg(&nicks).arg(key).arg(owner(*conn));
+                }
+                NickOp::Staff { look } => {
+                    pipe.sadd(&staff, look);
+                }
+            }
+        }
+        let mut redis = cluster.redis.clone();
+        let result: redis::RedisResult<Vec<i64>> = pipe.query_async(&mut redis).await;
+        let Some(hub) = hub.upgrade() else { return };
+        let answers: Vec<Result<i64, String>> = match result {
+            Ok(codes) if codes.len() == batch.len() => codes.into_iter().map(Ok).collect(),
+            Ok(codes) => {
+                let error = format!("the broker answered {} times for {} requests", codes.len(), batch.len());
+                vec![Err(error); batch.len()]
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, requests = batch.len(), "nickname requests did not reach the broker");
+                vec![Err(format!("the cluster broker is unreachable: {e}")); batch.len()]
+            }
+        };
+        for (op, answer) in batch.drain(..).zip(answers) {
+            match op {
+                NickOp::Claim(claim) => {
+                    let answer = match answer {
+                        Ok(1) => NickAnswer::Claimed,
+                        Ok(2) => NickAnswer::Staff,
+                        Ok(_) => NickAnswer::Taken,
+                        Err(reason) => NickAnswer::Failed(reason),
+                    };
+                    hub.nick_answered(claim, answer);
+                }
+                NickOp::Assert { key, conn } if answer == Ok(0) => {
+                    tracing::warn!(nick = %key, conn, "a nickname held here is also held on another node");
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Publishes effects in batches; presence also updates the room's members
 /// hash in the same transaction.
 async fn publisher(cluster: Arc<Cluster>, mut effects: mpsc::Receiver<Envelope>) {
@@ -1002,7 +1235,19 @@ async fn catch_up(cluster: &Cluster, hub: &Arc<Hub>) -> redis::RedisResult<()> {
     for (room, member, who) in hub.local_presence() {
         cluster.publish(Effect::Presence { room, member, who, event: PresenceKind::Join, previous: None });
     }
+    assert_nicks(cluster, hub);
     Ok(())
+}
+
+/// Claims again every nickname local connections hold (Redis may have lost
+/// them, or other nodes taken them over while this node's heartbeat lapsed).
+fn assert_nicks(cluster: &Cluster, hub: &Hub) {
+    for (key, conn) in hub.local_nicks() {
+        if cluster.queue_nick(NickOp::Assert { key, conn }).is_err() {
+            tracing::warn!("nicknames not claimed again: the broker queue is full");
+            return;
+        }
+    }
 }
 
 /// Says this node is alive every [`HEARTBEAT_EVERY`], and drops the members
@@ -1036,6 +1281,7 @@ async fn heartbeat(cluster: Arc<Cluster>, hub: Weak<Hub>) {
             for (room, member, who) in hub.local_presence() {
                 cluster.publish(Effect::Presence { room, member, who, event: PresenceKind::Join, previous: None });
             }
+            assert_nicks(&cluster, &hub);
         }
         let nodes = cluster.remote_nodes();
         if nodes.is_empty() {

@@ -3,8 +3,15 @@
 //!
 //! Locking: `std::sync::Mutex`es held for short, synchronous sections and
 //! never across an `.await`. Order, when more than one is held: `rooms` →
-//! a room's state → a client's outbox or rooms list. `nicks` and `clients`
-//! are taken alone.
+//! a room's state → a client's outbox or rooms list. `claims` comes before
+//! all of them (it is held while a claimed nickname is applied). `nicks`
+//! and `clients` are taken alone or after `claims`.
+//!
+//! Nicknames in a cluster: the local map is a fast path (a nickname taken
+//! here is refused at once); a nickname free here is reserved here and
+//! claimed from the broker ([`crate::cluster::NickClaim`]), and the guest's
+//! `welcome`, or the `renamed` answering `nick`, is sent when the broker
+//! answers.
 //!
 //! Fan-out: a message is encoded once into a WebSocket frame and the same
 //! [`Bytes`] is pushed to every member's outbox while the room lock is held,
@@ -20,7 +27,9 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::client::{Client, ConnId, Identity, IdentityKind, Roles};
-use crate::cluster::{AckReady, Cluster, Effect, PostRequest, PresenceKind, RemoteMember};
+use crate::cluster::{
+    AckReady, Cluster, Effect, NickAnswer, NickClaim, NickOp, NickPurpose, PostRequest, PresenceKind, RemoteMember,
+};
 use crate::identity::impersonation_key;
 use crate::lock;
 use crate::metrics::{Metrics, Snapshot};
@@ -50,6 +59,9 @@ pub struct Hub {
     rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     /// Folded nickname → the connection using it.
     nicks: Mutex<HashMap<String, ConnId>>,
+    /// In a cluster: folded nicknames reserved in `nicks` while the broker
+    /// is asked, by connection (see [`Hub::nick_answered`]).
+    claims: Mutex<HashMap<ConnId, Vec<String>>>,
     /// Every registered client, for the sweeper and for shutdown.
     clients: Mutex<HashMap<ConnId, Arc<Client>>>,
     /// Source of connection ids.
@@ -151,6 +163,7 @@ impl Hub {
             epoch: Instant::now(),
             rooms: Mutex::default(),
             nicks: Mutex::default(),
+            claims: Mutex::default(),
             clients: Mutex::default(),
             next_conn: AtomicU64::new(1),
             live: watch::Sender::new(0),
@@ -325,16 +338,144 @@ impl Hub {
             return;
         }
         let refused = requested_nick.and_then(|nick| self.claim_nick(client.id, nick, None).err());
-        let nick = match (requested_nick, &refused) {
-            (Some(nick), None) => nick.to_owned(),
-            _ => self.claim_guest_nick(client.id),
+        let (nick, picked) = match (requested_nick, &refused) {
+            (Some(nick), None) => (nick.to_owned(), false),
+            _ => (self.claim_guest_nick(client.id), true),
         };
+        if let Some(cluster) = self.cluster.as_ref().filter(|c| c.is_connected()) {
+            // `welcome` waits for the broker. Cut off from it, a guest keeps
+            // the nickname this node gave (see `docs/design.md`).
+            let mut claims = lock(&self.claims);
+            let claim =
+                NickClaim { client: client.clone(), nick, purpose: NickPurpose::Connect { error: refused, picked } };
+            if let Err(op) = self.ask_broker(cluster, &mut claims, claim)
+                && let NickOp::Claim(claim) = *op
+                && let NickPurpose::Connect { error, .. } = claim.purpose
+            {
+                self.welcome_guest(client, claim.nick, error);
+            }
+            return;
+        }
+        self.welcome_guest(client, nick, refused);
+    }
+
+    /// Welcomes a connection as a guest called `nick`, followed by `error`.
+    fn welcome_guest(&self, client: &Arc<Client>, nick: String, error: Option<RequestError>) {
+        let guest_id = format!("guest:{}", client.session_str());
         let identity =
             Identity { user_id: guest_id.into(), nick: nick.into(), roles: Roles::MEMBER, kind: IdentityKind::Guest };
         self.welcome(client, identity);
-        if let Some(error) = refused {
+        if let Some(error) = error {
             client.outbox.push(error.to_frame());
         }
+    }
+
+    /// Queues a claim of a nickname reserved here (with `claims` held);
+    /// gives it back, its reservation kept, if the queue is full.
+    fn ask_broker(
+        &self,
+        cluster: &Cluster,
+        claims: &mut HashMap<ConnId, Vec<String>>,
+        claim: NickClaim,
+    ) -> Result<(), Box<NickOp>> {
+        let (id, key) = (claim.client.id, fold_nick(&claim.nick));
+        claims.entry(id).or_default().push(key.clone());
+        cluster.queue_nick(NickOp::Claim(claim)).inspect_err(|_| {
+            tracing::warn!("a nickname claim was not sent: the broker queue is full");
+            take_claim(claims, id, &key);
+        })
+    }
+
+    /// The broker answered a nickname claim: `welcome` the connecting guest
+    /// (with a `guest-NNNN` claimed in turn if the nickname was refused), or
+    /// answer the `nick` request. A connection that left or signed in
+    /// meanwhile gets nothing, and the nickname is released.
+    pub(crate) fn nick_answered(&self, claim: NickClaim, answer: NickAnswer) {
+        let Some(cluster) = &self.cluster else { return };
+        let NickClaim { client, nick, purpose } = claim;
+        let key = fold_nick(&nick);
+        let mut claims = lock(&self.claims);
+        if !take_claim(&mut claims, client.id, &key) {
+            // Gone: its reservations here went with it.
+            if answer == NickAnswer::Claimed {
+                cluster.release_nick(key, client.id);
+            }
+            return;
+        }
+        let current = client.identity();
+        // Whether the reservation here must stay: the connection uses the
+        // nickname, or another of its claims asks for it.
+        let kept = |claims: &HashMap<ConnId, Vec<String>>| {
+            fold_nick(&current.nick) == key && current.kind == IdentityKind::Guest
+                || claims.get(&client.id).is_some_and(|keys| keys.contains(&key))
+        };
+        let unreserve = |claims: &HashMap<ConnId, Vec<String>>, release: bool| {
+            if !kept(claims) {
+                self.release_key(client.id, &key);
+                if release {
+                    cluster.release_nick(key.clone(), client.id);
+                }
+            }
+        };
+        let wanted = match &purpose {
+            NickPurpose::Connect { .. } => current.kind == IdentityKind::Anonymous && !self.is_closing(),
+            NickPurpose::Change { .. } => current.kind == IdentityKind::Guest,
+        };
+        if !wanted {
+            // Signed in (or shutting down) meanwhile.
+            unreserve(&claims, answer != NickAnswer::Taken);
+            return;
+        }
+        let refusal = |answer: &NickAnswer| match answer {
+            NickAnswer::Staff => RequestError::new(
+                ErrorCode::InvalidNick,
+                format!("{nick:?} looks like the name of a staff member or a reserved name"),
+            ),
+            NickAnswer::Failed(_) => cut_off(),
+            _ => RequestError::new(ErrorCode::NickTaken, format!("the nickname {nick:?} is in use")),
+        };
+        match (answer, purpose) {
+            (NickAnswer::Claimed, NickPurpose::Connect { error, .. }) => self.welcome_guest(&client, nick, error),
+            (NickAnswer::Failed(reason), NickPurpose::Connect { error, .. }) => {
+                // Cut off from the broker: the nickname this node gave stands.
+                tracing::warn!(reason = %reason, "a guest's nickname could not be claimed across the cluster");
+                self.welcome_guest(&client, nick, error);
+            }
+            (answer, NickPurpose::Connect { error, picked }) => {
+                unreserve(&claims, false);
+                let error = if picked { error } else { Some(refusal(&answer)) };
+                let nick = self.claim_guest_nick(client.id);
+                let claim =
+                    NickClaim { client: client.clone(), nick, purpose: NickPurpose::Connect { error, picked: true } };
+                if let Err(op) = self.ask_broker(cluster, &mut claims, claim)
+                    && let NickOp::Claim(claim) = *op
+                    && let NickPurpose::Connect { error, .. } = claim.purpose
+                {
+                    self.welcome_guest(&client, claim.nick, error);
+                }
+            }
+            (NickAnswer::Claimed, NickPurpose::Change { reference }) => {
+                let previous = fold_nick(&current.nick);
+                if previous != key && !claims.get(&client.id).is_some_and(|keys| keys.contains(&previous)) {
+                    self.release_key(client.id, &previous);
+                    cluster.release_nick(previous, client.id);
+                }
+                self.rename(&client, &nick, reference.as_ref());
+            }
+            (answer, NickPurpose::Change { reference }) => {
+                unreserve(&claims, matches!(answer, NickAnswer::Failed(_)));
+                let mut error = refusal(&answer);
+                error.reference = reference;
+                self.metrics.request_errors.inc();
+                client.outbox.push(error.to_frame());
+            }
+        }
+    }
+
+    /// The folded nicknames local connections hold, for claiming them again
+    /// after the node reconnects to the broker.
+    pub(crate) fn local_nicks(&self) -> Vec<(String, ConnId)> {
+        lock(&self.nicks).iter().map(|(key, id)| (key.clone(), *id)).collect()
     }
 
     /// Closes a banned client with the ban's reason; true if it was banned.
@@ -370,7 +511,13 @@ impl Hub {
             }));
         }
         if identity.roles.is_staff() {
-            self.moderation.note_staff_name(impersonation_key(&identity.nick));
+            let look = impersonation_key(&identity.nick);
+            if let Some(cluster) = &self.cluster
+                && cluster.queue_nick(NickOp::Staff { look: look.clone() }).is_err()
+            {
+                tracing::warn!("a staff name was not shared with the cluster: the broker queue is full");
+            }
+            self.moderation.note_staff_name(look);
             self.send_pending_review(client);
         }
         client.set_identity(identity);
@@ -409,8 +556,11 @@ impl Hub {
         if self.refuse_if_banned(client, &verified.user_id, false) {
             return Ok(());
         }
+        // A nickname claim answered now must see the new identity.
+        let _claims = self.cluster.is_some().then(|| lock(&self.claims));
+        let current = client.identity();
         if current.kind == IdentityKind::Guest {
-            self.release_nick(client.id, &current.nick);
+            self.free_nick(client.id, &current.nick);
         }
         let _ = reference;
         self.welcome(
@@ -429,12 +579,21 @@ impl Hub {
     /// events) and frees its nickname.
     pub fn disconnect(&self, client: &Arc<Client>) {
         let rooms = std::mem::take(&mut *lock(&client.rooms));
-        let identity = client.identity();
+        // Under `claims`, so a claim answered later finds the client gone.
+        let (identity, claimed) = {
+            let mut claims = lock(&self.claims);
+            (client.identity(), claims.remove(&client.id))
+        };
         self.policies().pipeline.on_disconnect(&Connection { addr: client.addr, origin: None, user_id: None });
         for room in rooms {
             self.remove_member(&room, client, &identity);
         }
-        self.release_nick(client.id, &identity.nick);
+        if identity.kind == IdentityKind::Guest {
+            self.free_nick(client.id, &identity.nick);
+        }
+        for key in claimed.into_iter().flatten() {
+            self.release_key(client.id, &key);
+        }
         if lock(&self.clients).remove(&client.id).is_some() {
             self.live.send_modify(|n| *n -= 1);
         }
@@ -504,17 +663,27 @@ impl Hub {
         }
     }
 
-    /// Frees `nick` if connection `id` holds it.
-    fn release_nick(&self, id: ConnId, nick: &str) {
-        let mut nicks = lock(&self.nicks);
+    /// Frees `nick` if connection `id` holds it, here and, in a cluster, in
+    /// the broker.
+    fn free_nick(&self, id: ConnId, nick: &str) {
         let key = fold_nick(nick);
-        if nicks.get(&key) == Some(&id) {
-            nicks.remove(&key);
+        self.release_key(id, &key);
+        if let Some(cluster) = &self.cluster {
+            cluster.release_nick(key, id);
         }
     }
 
-    /// Claims `nick` for connection `id`, releasing `previous` if given.
-    /// Names that look like a reserved name or a staff member's are refused.
+    /// Frees the folded nickname `key` here if connection `id` holds it.
+    fn release_key(&self, id: ConnId, key: &str) {
+        let mut nicks = lock(&self.nicks);
+        if nicks.get(key) == Some(&id) {
+            nicks.remove(key);
+        }
+    }
+
+    /// Claims `nick` for connection `id` on this node, releasing `previous`
+    /// if given. Names that look like a reserved name or a staff member's
+    /// are refused.
     fn claim_nick(&self, id: ConnId, nick: &str, previous: Option<&str>) -> Result<(), RequestError> {
         let policies = self.policies();
         validate_nick(nick, &policies.config.nicknames).map_err(|m| RequestError::new(ErrorCode::InvalidNick, m))?;
@@ -564,7 +733,35 @@ impl Hub {
         if old.kind == IdentityKind::User {
             return Err(RequestError::new(ErrorCode::Forbidden, "your name comes from your account"));
         }
+        if let Some(cluster) = &self.cluster {
+            // Answered once the broker has; cut off from it, refused rather
+            // than risk a nickname used twice.
+            let mut claims = lock(&self.claims);
+            if !cluster.is_connected() {
+                return Err(cut_off());
+            }
+            self.claim_nick(client.id, nick, None)?;
+            let reference = reference.cloned();
+            let claim =
+                NickClaim { client: client.clone(), nick: nick.to_owned(), purpose: NickPurpose::Change { reference } };
+            if self.ask_broker(cluster, &mut claims, claim).is_err() {
+                let key = fold_nick(nick);
+                if key != fold_nick(&old.nick) && !claims.get(&client.id).is_some_and(|keys| keys.contains(&key)) {
+                    self.release_key(client.id, &key);
+                }
+                return Err(cut_off());
+            }
+            return Ok(());
+        }
         self.claim_nick(client.id, nick, Some(&old.nick))?;
+        self.rename(client, nick, reference);
+        Ok(())
+    }
+
+    /// Gives the client the nickname `nick` (already claimed) and tells it
+    /// and every room.
+    fn rename(&self, client: &Arc<Client>, nick: &str, reference: Option<&Ref>) {
+        let old = client.identity();
         let new = Identity { nick: nick.into(), ..(*old).clone() };
         client.outbox.push(encode(&ServerFrame::Renamed { user: new.view(), previous: &old.nick, reference }));
         client.set_identity(new);
@@ -583,7 +780,6 @@ impl Hub {
                 self.fan_out(&state, &frame, Some(client.id));
             }
         }
-        Ok(())
     }
 
     /// Handles `join`: enters (or creates) a room and answers `joined` with
@@ -1313,7 +1509,20 @@ pub fn refusal(verdict: Verdict) -> RequestError {
 /// What a cluster's node runs once its post has an id.
 pub(crate) type OnId = Box<dyn FnOnce(&Hub, u64) + Send>;
 
-/// The refusal of a post while the node is cut off from the cluster broker.
+/// Removes one pending claim of `key` by connection `id`; false if there
+/// was none (the connection left).
+fn take_claim(claims: &mut HashMap<ConnId, Vec<String>>, id: ConnId, key: &str) -> bool {
+    let Some(keys) = claims.get_mut(&id) else { return false };
+    let Some(at) = keys.iter().position(|k| k == key) else { return false };
+    keys.swap_remove(at);
+    if keys.is_empty() {
+        claims.remove(&id);
+    }
+    true
+}
+
+/// The refusal of a post or a nickname change while the node is cut off
+/// from the cluster broker.
 fn cut_off() -> RequestError {
     RequestError {
         retry_after_ms: Some(1000),

@@ -552,6 +552,9 @@ async fn a_node_cut_off_from_the_broker_keeps_its_clients_and_catches_up() {
     assert_eq!(refused["type"], "error", "{refused}");
     assert_eq!(refused["code"], "unavailable", "{refused}");
     assert!(refused["retry_after_ms"].as_u64().is_some(), "{refused}");
+    // Nicknames come from the broker too: changing one waits for it.
+    let refused = request(&mut ann, json!({"type": "nick", "nick": "annie"})).await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
     // The other node carries on meanwhile, moderation included.
     for text in ["during-1", "during-2"] {
         assert_eq!(post(&mut bob, "lobby", text).await["type"], "ack");
@@ -654,6 +657,15 @@ async fn a_config_reload_on_one_node_reaches_the_others() {
     let refused = post_until(&mut bob, "zebra", |answer| answer["type"] == "error").await;
     assert_eq!(refused["code"], "profanity", "{refused}");
 
+    // B's reload is announced back to A, which finds nothing new: wait for
+    // it, or it could read the next file before the request below does.
+    eventually(CLUSTER_PATIENCE, || async {
+        let metrics = http_get(a.addr, "/metrics").await.1;
+        metrics.contains("wardroom_config_reloads_total{outcome=\"unchanged\"} 1\n").then_some(())
+    })
+    .await
+    .expect("A hears of B's reload");
+
     // `[cluster]` is read at start-up: a reload that changes it says so and
     // keeps the node in its cluster.
     let moved = cluster.toml(base).replace(&cluster.broker.prefix, "elsewhere");
@@ -677,8 +689,11 @@ async fn concurrent_first_posts_to_a_room_get_distinct_ids() {
     let mut bob = b.client("bob").await;
     for round in 0..5 {
         let room = format!("fresh-{round}");
-        ann.join(&room).await;
-        bob.join(&room).await;
+        for client in [&mut ann, &mut bob] {
+            // The other's message of the last round may come after one's own ack.
+            client.send(json!({"type": "join", "room": room})).await;
+            until_type(client, "joined").await;
+        }
         let (first, second) = tokio::join!(post(&mut ann, &room, "from a"), post(&mut bob, &room, "from b"));
         let ids: BTreeSet<u64> =
             [&first, &second].iter().map(|ack| ack["id"].as_u64().expect("an ack with an id")).collect();
@@ -720,4 +735,118 @@ async fn a_room_opened_during_traffic_misses_no_message() {
     }
     stop.store(true, Ordering::Relaxed);
     sender.await.expect("sender");
+}
+
+/// Sends `nick` and returns the answer (`renamed` or `error`).
+async fn rename(client: &mut Client, nick: &str) -> Value {
+    request(client, json!({"type": "nick", "nick": nick})).await
+}
+
+/// Connects a guest asking for `nick` until it gets it (for at most
+/// [`CLUSTER_PATIENCE`]); every refusal must be the `nick_taken` fallback.
+async fn connect_until_named(url: &str, nick: &str) -> Client {
+    let deadline = tokio::time::Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        let mut client = Client::connect(url).await;
+        if client.nick() == nick {
+            return client;
+        }
+        assert!(client.nick().starts_with("guest-"), "{}", client.welcome);
+        let error = client.recv().await;
+        assert_eq!(error["code"], "nick_taken", "{error}");
+        assert!(tokio::time::Instant::now() < deadline, "{nick:?} still taken after {CLUSTER_PATIENCE:?}");
+        client.close().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nickname_is_unique_across_nodes() {
+    let cluster = Cluster::new();
+    let (a, b) = (cluster.node("").await, cluster.node("").await);
+    let mut ann = a.client("ann").await;
+    assert_eq!(ann.nick(), "ann");
+
+    // Held on A, in any case: at connect, B falls back as one node does.
+    let mut other = Client::connect(&b.ws_url(Some("ANN"))).await;
+    assert!(other.nick().starts_with("guest-"), "{}", other.welcome);
+    let error = other.recv().await;
+    assert_eq!((error["type"].as_str(), error["code"].as_str()), (Some("error"), Some("nick_taken")), "{error}");
+    // And a nickname change on B is refused.
+    let refused = rename(&mut other, "Ann").await;
+    assert_eq!(refused["code"], "nick_taken", "{refused}");
+    assert!(refused["message"].as_str().is_some_and(|m| m.contains("\"Ann\"")), "{refused}");
+
+    // The other way round, with a nickname taken by a change.
+    let renamed = rename(&mut other, "bob").await;
+    assert_eq!(renamed["type"], "renamed", "{renamed}");
+    assert_eq!(renamed["user"]["nick"], "bob", "{renamed}");
+    assert_eq!(rename(&mut ann, "BOB").await["code"], "nick_taken");
+
+    // Released on A's disconnect: B gets it.
+    ann.close().await;
+    let deadline = tokio::time::Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        let answer = rename(&mut other, "Ann").await;
+        if answer["type"] == "renamed" {
+            assert_eq!(answer["previous"], "bob", "{answer}");
+            break;
+        }
+        assert_eq!(answer["code"], "nick_taken", "{answer}");
+        assert!(tokio::time::Instant::now() < deadline, "\"ann\" still taken after {CLUSTER_PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Now held on B: refused on A; and "bob", released by the change, is free.
+    let mut late = Client::connect(&a.ws_url(Some("ann"))).await;
+    assert!(late.nick().starts_with("guest-"), "{}", late.welcome);
+    assert_eq!(late.recv().await["code"], "nick_taken");
+    // (Ann's refused claim of "BOB" left nothing reserved on A.)
+    let bob = connect_until_named(&a.ws_url(Some("BOB")), "BOB").await;
+    assert_eq!(bob.nick(), "BOB");
+    // Still unique on one node, and a guest may change the case of its own.
+    assert_eq!(rename(&mut other, "aNN").await["type"], "renamed");
+    assert_eq!(rename(&mut late, "bob").await["code"], "nick_taken");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nickname_held_on_a_killed_node_is_free_once_it_stops_beating() {
+    let cluster = Cluster::new();
+    let file = TempConfig::new(&cluster.toml("[server]\nbind = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"\n"));
+    let a = ServerProcess::start(env!("CARGO_BIN_EXE_wardroom"), &file.path);
+    ready(a.addr).await;
+    let b = cluster.node("").await;
+    let mut ada = Client::connect(&a.ws_url("nick=ada")).await;
+    assert_eq!(ada.nick(), "ada");
+    let mut other = b.client("bea").await;
+    assert_eq!(rename(&mut other, "Ada").await["code"], "nick_taken");
+
+    a.kill_9();
+    while ada.next_message().await.is_some() {}
+    // Nobody released it: B takes it over once A's heartbeat key is gone.
+    let taken = connect_until_named(&b.ws_url(Some("ADA")), "ADA").await;
+    assert_eq!(taken.nick(), "ADA");
+    assert_eq!(rename(&mut other, "ada").await["code"], "nick_taken");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staff_name_seen_on_one_node_is_refused_to_guests_on_the_others() {
+    let cluster = Cluster::new();
+    let (a, b) = (cluster.node(MODERATED).await, cluster.node(MODERATED).await);
+    let _moderator = user(a.addr, "mod-1", "Sentinel").await;
+    let mut guest = b.client("gus").await;
+    let deadline = tokio::time::Instant::now() + CLUSTER_PATIENCE;
+    // The staff name reaches the broker right after the moderator's welcome.
+    loop {
+        let answer = rename(&mut guest, "SENTlNEL").await;
+        if answer["code"] == "invalid_nick" {
+            assert!(answer["message"].as_str().is_some_and(|m| m.contains("staff")), "{answer}");
+            break;
+        }
+        assert_eq!(answer["type"], "renamed", "{answer}");
+        assert!(tokio::time::Instant::now() < deadline, "the staff name never reached node B");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut other = Client::connect(&b.ws_url(Some("sentinel"))).await;
+    assert!(other.nick().starts_with("guest-"), "{}", other.welcome);
+    assert_eq!(other.recv().await["code"], "invalid_nick");
 }
