@@ -107,8 +107,14 @@ pub async fn upgrade(
     if !parts.read_buf.is_empty() {
         // Bytes the client sent right behind its upgrade request.
         client.touch(hub.now());
-        let mut early = parts.read_buf.to_vec();
-        conn.feed(&mut early);
+        if hub.awaiting_welcome(&client) {
+            // Handled once the welcome is out (see `Connection::poll_chat`).
+            conn.reader.keep(&parts.read_buf);
+            conn.paused = true;
+        } else {
+            let mut early = parts.read_buf.to_vec();
+            conn.feed(&mut early);
+        }
     }
     // From here the Connection removes the client from the hub when it ends.
     pending.armed = false;
@@ -212,6 +218,11 @@ impl Connection {
                 // Reading is over; the Close frame is still being written.
                 (Some(_), false) => return Poll::Pending,
                 (None, _) => {}
+            }
+            if self.session.hub.awaiting_welcome(&self.session.client) {
+                // Requests wait for the welcome (a cluster confirming a
+                // guest's nickname); pushing it wakes us through the outbox.
+                return Poll::Pending;
             }
             let below_backlog = self.session.client.outbox.len() < self.pause_at as usize;
             if self.paused {

@@ -359,6 +359,14 @@ impl Hub {
         self.welcome_guest(client, nick, refused);
     }
 
+    /// Whether the connection's `welcome` waits for the cluster's broker to
+    /// confirm its nickname: until then its requests are not read.
+    pub fn awaiting_welcome(&self, client: &Client) -> bool {
+        self.cluster.is_some()
+            && client.identity().kind == IdentityKind::Anonymous
+            && lock(&self.claims).contains_key(&client.id)
+    }
+
     /// Welcomes a connection as a guest called `nick`, followed by `error`.
     fn welcome_guest(&self, client: &Arc<Client>, nick: String, error: Option<RequestError>) {
         let guest_id = format!("guest:{}", client.session_str());

@@ -4,6 +4,7 @@
 mod support;
 
 use serde_json::json;
+use support::raw::{RawClient, masked_frame};
 use support::{Client, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,4 +224,19 @@ async fn room_limits_are_enforced() {
         carol.send(json!({"type": "join", "room": bad})).await;
         assert_eq!(carol.recv().await["code"], "invalid_room", "room {bad:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_with_the_upgrade_request_are_answered_after_the_welcome() {
+    let server = TestServer::start().await;
+    let mut early = masked_frame(true, 1, br#"{"type":"join","room":"lobby"}"#);
+    early.extend(masked_frame(true, 1, br#"{"type":"message","room":"lobby","content":"first","ref":1}"#));
+    let mut eager = RawClient::connect_pipelined(server.addr, "/ws?nick=eager", &early).await;
+    let mut kinds = Vec::new();
+    for _ in 0..4 {
+        let frame = eager.recv().await;
+        assert_ne!(frame["type"], "error", "{frame}");
+        kinds.push(frame["type"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(kinds, ["welcome", "joined", "message", "ack"]);
 }

@@ -20,7 +20,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use support::pg::Pg;
 use support::process::ServerProcess;
-use support::raw::{http_get, http_request};
+use support::raw::{RawClient, http_get, http_request, masked_frame};
 use support::{Client, TempConfig, TestServer, eventually};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
@@ -758,6 +758,26 @@ async fn connect_until_named(url: &str, nick: &str) -> Client {
         client.close().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_before_the_welcome_wait_for_it() {
+    let cluster = Cluster::new();
+    let a = cluster.node("").await;
+    // The join and the message travel with the upgrade request itself, so the
+    // node has them before the broker has confirmed the nickname.
+    let mut early = masked_frame(true, 1, br#"{"type":"join","room":"lobby"}"#);
+    early.extend(masked_frame(true, 1, br#"{"type":"message","room":"lobby","content":"first","ref":1}"#));
+    let mut eager = RawClient::connect_pipelined(a.addr, "/ws?nick=eager", &early).await;
+    let kinds: Vec<String> = [eager.recv().await, eager.recv().await, eager.recv().await, eager.recv().await]
+        .iter()
+        .map(|frame| {
+            assert_ne!(frame["type"], "error", "{frame}");
+            frame["type"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert_eq!(kinds[..2], ["welcome", "joined"], "{kinds:?}");
+    assert!(kinds.contains(&"message".to_owned()) && kinds.contains(&"ack".to_owned()), "{kinds:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,12 @@ impl MessageReader {
         Ok(flow)
     }
 
+    /// Keeps bytes read from the socket without handling them yet: they are
+    /// handled, in order, by the next [`resume`](Self::resume).
+    pub fn keep(&mut self, data: &[u8]) {
+        self.partial.extend_from_slice(data);
+    }
+
     /// Handles the input kept by [`feed`](Self::feed) after a pause.
     pub fn resume(&mut self, mut on_event: impl FnMut(Event<'_>) -> Flow) -> Result<Flow, Violation> {
         let mut buf = std::mem::take(&mut self.partial);

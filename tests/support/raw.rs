@@ -60,6 +60,22 @@ impl RawClient {
         }
     }
 
+    /// Connects and sends `early` (frames) in the same write as the upgrade
+    /// request, as a client that does not wait for anything would.
+    pub async fn connect_pipelined(addr: SocketAddr, path: &str, early: &[u8]) -> Self {
+        let mut client = Self { stream: TcpStream::connect(addr).await.expect("connect"), buf: Vec::new() };
+        let mut bytes = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .into_bytes();
+        bytes.extend_from_slice(early);
+        client.stream.write_all(&bytes).await.expect("send the request");
+        let head = client.read_http_head().await;
+        assert!(head.starts_with("HTTP/1.1 101"), "handshake refused: {head}");
+        client
+    }
+
     /// Connects from `source` (an address on this host) if given, sends the
     /// upgrade request with `extra_headers` (each ending in `\r\n`), and
     /// returns the client, or the HTTP response head if the server refused.
