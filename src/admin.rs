@@ -75,13 +75,12 @@ async fn handle(hub: &Arc<Hub>, method: &Method, path: &[&str], query: &str, bod
         ("DELETE", ["mutes", user]) => act(hub, Request::Unmute { user: (*user).to_owned() }).await,
         ("GET", ["review"]) => {
             let status = match params.get("status").map(String::as_str) {
-                None | Some("pending") => Some(ReviewStatus::Pending),
-                Some("approved") => Some(ReviewStatus::Approved),
-                Some("denied") => Some(ReviewStatus::Denied),
+                None => Some(ReviewStatus::Pending),
                 Some("all") => None,
-                Some(other) => {
-                    return plain_owned(StatusCode::BAD_REQUEST, format!("unknown status {other:?}"));
-                }
+                Some(name) => match ReviewStatus::parse(name) {
+                    Some(status) => Some(status),
+                    None => return plain_owned(StatusCode::BAD_REQUEST, format!("unknown status {name:?}")),
+                },
             };
             stored(hub.store().review_items(status))
         }

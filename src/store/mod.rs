@@ -126,6 +126,21 @@ pub enum ReviewKind {
     Report,
 }
 
+impl ReviewKind {
+    /// The name stored in the database and sent to clients.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewKind::Held => "held",
+            ReviewKind::Report => "report",
+        }
+    }
+
+    /// The kind named `name`, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        [ReviewKind::Held, ReviewKind::Report].into_iter().find(|k| k.as_str() == name)
+    }
+}
+
 /// Where a review item stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -136,6 +151,28 @@ pub enum ReviewStatus {
     Approved,
     /// Denied: a held message was dropped; a report was dismissed.
     Denied,
+}
+
+impl ReviewStatus {
+    /// The name stored in the database and sent to clients.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewStatus::Pending => "pending",
+            ReviewStatus::Approved => "approved",
+            ReviewStatus::Denied => "denied",
+        }
+    }
+
+    /// The status named `name`, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        [ReviewStatus::Pending, ReviewStatus::Approved, ReviewStatus::Denied].into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// A time (ms since the epoch) as both databases store it: past `i64::MAX`
+/// it saturates, which only moves "practically never" to "never".
+pub(crate) fn stored_time(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
 /// An item of the review queue.

@@ -92,7 +92,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ::postgres::config::{Host, SslMode};
 use ::postgres::error::SqlState;
@@ -102,10 +102,11 @@ use tokio::sync::oneshot;
 
 use super::{
     AuditEntry, AuditQuery, Ban, Commit, Committed, Mute, ReviewItem, ReviewKind, ReviewStatus, RoomSettings,
-    SCHEMA_VERSION, Snapshot, Store, StoreError, StoreStats, StoredMessage, Strikes, Write, Written,
+    SCHEMA_VERSION, Snapshot, Store, StoreError, StoreStats, StoredMessage, Strikes, Write, Written, stored_time,
 };
 use crate::config::{StoreConfig, Synchronous};
 use crate::lock;
+use crate::protocol::now_ms;
 
 /// Most writes committed in one transaction; a single larger batch is still
 /// committed whole.
@@ -690,7 +691,7 @@ impl Store for PostgresStore {
     }
 
     fn snapshot(&self, now: u64) -> Result<Snapshot, StoreError> {
-        let now = time(now);
+        let now = stored_time(now);
         self.read(move |conn| {
             let Conn { client, statements } = conn;
             // One read-only snapshot: the four parts are from the same commit.
@@ -737,7 +738,7 @@ impl Store for PostgresStore {
     }
 
     fn bans(&self, active_at: Option<u64>) -> Result<Vec<Ban>, StoreError> {
-        let active_at = active_at.map(time);
+        let active_at = active_at.map(stored_time);
         self.read(move |conn| query_bans(&mut conn.client, &mut conn.statements, active_at))
     }
 
@@ -747,7 +748,7 @@ impl Store for PostgresStore {
                 Some(status) => {
                     let sql = format!("{REVIEW_SELECT} WHERE status = $1 ORDER BY id");
                     let statement = prepared(&mut conn.client, &mut conn.statements, &sql)?;
-                    conn.client.query(&statement, &[&status_str(status)])?
+                    conn.client.query(&statement, &[&status.as_str()])?
                 }
                 None => {
                     let sql = format!("{REVIEW_SELECT} ORDER BY id");
@@ -1447,7 +1448,7 @@ fn insert_messages(
     let ids = messages.iter().map(|m| id_param(m.id)).collect::<Result<Vec<i64>, _>>()?;
     let users: Vec<&str> = messages.iter().map(|m| m.user_id.as_str()).collect();
     let jsons: Vec<&str> = messages.iter().map(|m| m.json.as_str()).collect();
-    let times: Vec<i64> = messages.iter().map(|m| time(m.ts)).collect();
+    let times: Vec<i64> = messages.iter().map(|m| stored_time(m.ts)).collect();
     let statement = prepared(
         tx,
         statements,
@@ -1493,7 +1494,14 @@ fn apply_write(
             )?;
             let row = tx.query_one(
                 &statement,
-                &[&ban.user_id, &ban.cidr, &ban.reason, &ban.actor, &time(ban.created_at), &ban.expires_at.map(time)],
+                &[
+                    &ban.user_id,
+                    &ban.cidr,
+                    &ban.reason,
+                    &ban.actor,
+                    &stored_time(ban.created_at),
+                    &ban.expires_at.map(stored_time),
+                ],
             )?;
             Written::Id(row.try_get(0)?)
         }
@@ -1503,7 +1511,7 @@ fn apply_write(
                 "UPDATE bans SET lifted_at = $2,
                  expires_at = CASE WHEN expires_at IS NULL OR expires_at > $2 THEN $2 ELSE expires_at END
                  WHERE id = $1 AND lifted_at IS NULL",
-                &[id, &time(*at)],
+                &[id, &stored_time(*at)],
             )?;
             Written::Done
         }
@@ -1512,7 +1520,7 @@ fn apply_write(
                 "INSERT INTO mutes (user_id, until, reason, actor, created_at) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (user_id) DO UPDATE SET until = EXCLUDED.until, reason = EXCLUDED.reason,
                  actor = EXCLUDED.actor, created_at = EXCLUDED.created_at",
-                &[&mute.user_id, &time(mute.until), &mute.reason, &mute.actor, &time(mute.created_at)],
+                &[&mute.user_id, &stored_time(mute.until), &mute.reason, &mute.actor, &stored_time(mute.created_at)],
             )?;
             Written::Done
         }
@@ -1526,7 +1534,7 @@ fn apply_write(
                 run(
                     "INSERT INTO strikes (user_id, points, updated_at) VALUES ($1, $2, $3)
                      ON CONFLICT (user_id) DO UPDATE SET points = EXCLUDED.points, updated_at = EXCLUDED.updated_at",
-                    &[user_id, &strikes.points, &time(strikes.updated_at)],
+                    &[user_id, &strikes.points, &stored_time(strikes.updated_at)],
                 )?;
             } else {
                 run("DELETE FROM strikes WHERE user_id = $1", &[user_id])?;
@@ -1548,7 +1556,7 @@ fn apply_write(
             let row = tx.query_one(
                 &statement,
                 &[
-                    &kind_str(item.kind),
+                    &item.kind.as_str(),
                     &item.room,
                     &message_id,
                     &item.user_id,
@@ -1557,11 +1565,11 @@ fn apply_write(
                     &item.reason,
                     &item.filter,
                     &item.reporter,
-                    &time(item.ts),
-                    &time(item.created_at),
-                    &status_str(item.status),
+                    &stored_time(item.ts),
+                    &stored_time(item.created_at),
+                    &item.status.as_str(),
                     &item.decided_by,
-                    &item.decided_at.map(time),
+                    &item.decided_at.map(stored_time),
                 ],
             )?;
             Written::Id(row.try_get(0)?)
@@ -1569,7 +1577,7 @@ fn apply_write(
         Write::Decide { id, status, by, at } => {
             run(
                 "UPDATE review_items SET status = $2, decided_by = $3, decided_at = $4 WHERE id = $1",
-                &[id, &status_str(*status), by, &time(*at)],
+                &[id, &status.as_str(), by, &stored_time(*at)],
             )?;
             Written::Done
         }
@@ -1594,7 +1602,7 @@ fn apply_write(
             let row = tx.query_one(
                 &statement,
                 &[
-                    &time(entry.at),
+                    &stored_time(entry.at),
                     &entry.actor,
                     &entry.action,
                     &entry.target,
@@ -1634,7 +1642,7 @@ fn prune_chunk(
 
     if let Some(age) = retain_for {
         let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-        let cutoff = time(now_ms.saturating_sub(age));
+        let cutoff = stored_time(now_ms.saturating_sub(age));
         let statement = prepared(
             &mut tx,
             statements,
@@ -1756,10 +1764,9 @@ fn read_review(row: &Row) -> Result<ReviewItem, PgError> {
     let status: String = row.try_get(12)?;
     Ok(ReviewItem {
         id: row.try_get(0)?,
-        kind: match kind.as_str() {
-            "held" => ReviewKind::Held,
-            "report" => ReviewKind::Report,
-            _ => return Err(PgError::Value(format!("unknown review kind {kind:?}"))),
+        kind: match ReviewKind::parse(&kind) {
+            Some(kind) => kind,
+            None => return Err(PgError::Value(format!("unknown review kind {kind:?}"))),
         },
         room: row.try_get(2)?,
         message_id: get_opt_u64(row, 3)?,
@@ -1771,11 +1778,9 @@ fn read_review(row: &Row) -> Result<ReviewItem, PgError> {
         reporter: row.try_get(9)?,
         ts: get_u64(row, 10)?,
         created_at: get_u64(row, 11)?,
-        status: match status.as_str() {
-            "pending" => ReviewStatus::Pending,
-            "approved" => ReviewStatus::Approved,
-            "denied" => ReviewStatus::Denied,
-            _ => return Err(PgError::Value(format!("unknown review status {status:?}"))),
+        status: match ReviewStatus::parse(&status) {
+            Some(status) => status,
+            None => return Err(PgError::Value(format!("unknown review status {status:?}"))),
         },
         decided_by: row.try_get(13)?,
         decided_at: get_opt_u64(row, 14)?,
@@ -1790,27 +1795,6 @@ fn read_message(row: &Row) -> Result<StoredMessage, PgError> {
         json: row.try_get(3)?,
         ts: get_u64(row, 4)?,
     })
-}
-
-fn kind_str(kind: ReviewKind) -> &'static str {
-    match kind {
-        ReviewKind::Held => "held",
-        ReviewKind::Report => "report",
-    }
-}
-
-fn status_str(status: ReviewStatus) -> &'static str {
-    match status {
-        ReviewStatus::Pending => "pending",
-        ReviewStatus::Approved => "approved",
-        ReviewStatus::Denied => "denied",
-    }
-}
-
-/// A time (ms since the epoch) as stored: past `i64::MAX` it saturates,
-/// which only moves "practically never" to "never".
-fn time(ms: u64) -> i64 {
-    i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
 /// A message id as stored; one past `i64::MAX` is an error for its batch.
@@ -1831,10 +1815,6 @@ fn get_u64(row: &Row, idx: usize) -> Result<u64, PgError> {
 fn get_opt_u64(row: &Row, idx: usize) -> Result<Option<u64>, PgError> {
     let v: Option<i64> = row.try_get(idx)?;
     v.map(|v| u64::try_from(v).map_err(|_| PgError::Value(format!("column {idx}: {v} is negative")))).transpose()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Forgets the queued message ids of a resolved group: the database now

@@ -85,7 +85,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use crate::lock;
 use std::thread::{JoinHandle, Thread};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rusqlite::types::{Type, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
@@ -93,9 +93,10 @@ use tokio::sync::oneshot;
 
 use super::{
     AuditEntry, AuditQuery, Ban, Commit, Committed, Mute, ReviewItem, ReviewKind, ReviewStatus, RoomSettings,
-    SCHEMA_VERSION, Snapshot, Store, StoreError, StoredMessage, Strikes, Write, Written,
+    SCHEMA_VERSION, Snapshot, Store, StoreError, StoredMessage, Strikes, Write, Written, stored_time,
 };
 use crate::config::{StoreConfig, Synchronous};
+use crate::protocol::now_ms;
 
 /// Most writes committed in one transaction; a single larger batch is still
 /// committed whole.
@@ -537,7 +538,7 @@ impl Store for SqliteStore {
             let mut stmt = tx.prepare_cached(
                 "SELECT user_id, until, reason, actor, created_at FROM mutes WHERE until > ?1 ORDER BY user_id",
             )?;
-            stmt.query_map([time(now)], |row| {
+            stmt.query_map([stored_time(now)], |row| {
                 Ok(Mute {
                     user_id: row.get(0)?,
                     until: to_u64(row, 1)?,
@@ -577,7 +578,7 @@ impl Store for SqliteStore {
         let items = match status {
             Some(status) => {
                 let mut stmt = conn.prepare_cached(&format!("{REVIEW_SELECT} WHERE status = ?1 ORDER BY id"))?;
-                stmt.query_map([status_str(status)], read_review)?.collect::<Result<Vec<_>, _>>()?
+                stmt.query_map([status.as_str()], read_review)?.collect::<Result<Vec<_>, _>>()?
             }
             None => {
                 let mut stmt = conn.prepare_cached(&format!("{REVIEW_SELECT} ORDER BY id"))?;
@@ -1146,7 +1147,7 @@ impl Writer {
 
         if let Some(age) = self.retain_for {
             let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-            let cutoff = time(now_ms.saturating_sub(age));
+            let cutoff = stored_time(now_ms.saturating_sub(age));
             let mut per_room: HashMap<String, i64> = HashMap::new();
             {
                 let mut stmt = tx.prepare_cached(
@@ -1230,7 +1231,7 @@ fn apply_batch(conn: &Connection, writes: &[Write]) -> rusqlite::Result<Vec<Writ
         let written = match write {
             Write::Message(m) => {
                 conn.prepare_cached("INSERT INTO messages (room, id, user_id, json, ts) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                    .execute(params![m.room, id_param(m.id)?, m.user_id, m.json, time(m.ts)])?;
+                    .execute(params![m.room, id_param(m.id)?, m.user_id, m.json, stored_time(m.ts)])?;
                 Written::Done
             }
             Write::DeleteMessage { room, id } => {
@@ -1251,8 +1252,8 @@ fn apply_batch(conn: &Connection, writes: &[Write]) -> rusqlite::Result<Vec<Writ
                     ban.cidr,
                     ban.reason,
                     ban.actor,
-                    time(ban.created_at),
-                    ban.expires_at.map(time)
+                    stored_time(ban.created_at),
+                    ban.expires_at.map(stored_time)
                 ])?;
                 Written::Id(conn.last_insert_rowid())
             }
@@ -1263,7 +1264,7 @@ fn apply_batch(conn: &Connection, writes: &[Write]) -> rusqlite::Result<Vec<Writ
                      expires_at = CASE WHEN expires_at IS NULL OR expires_at > ?2 THEN ?2 ELSE expires_at END
                      WHERE id = ?1 AND lifted_at IS NULL",
                 )?
-                .execute(params![id, time(*at)])?;
+                .execute(params![id, stored_time(*at)])?;
                 Written::Done
             }
             Write::Mute(mute) => {
@@ -1274,10 +1275,10 @@ fn apply_batch(conn: &Connection, writes: &[Write]) -> rusqlite::Result<Vec<Writ
                 )?
                 .execute(params![
                     mute.user_id,
-                    time(mute.until),
+                    stored_time(mute.until),
                     mute.reason,
                     mute.actor,
-                    time(mute.created_at)
+                    stored_time(mute.created_at)
                 ])?;
                 Written::Done
             }
@@ -1292,7 +1293,7 @@ fn apply_batch(conn: &Connection, writes: &[Write]) -> rusqlite::Result<Vec<Writ
                         "INSERT INTO strikes (user_id, points, updated_at) VALUES (?1, ?2, ?3)
                          ON CONFLICT (user_id) DO UPDATE SET points = excluded.points, updated_at = excluded.updated_at",
                     )?
-                    .execute(params![user_id, strikes.points, time(strikes.updated_at)])?;
+                    .execute(params![user_id, strikes.points, stored_time(strikes.updated_at)])?;
                 } else {
                     conn.prepare_cached("DELETE FROM strikes WHERE user_id = ?1")?.execute([user_id])?;
                 }
@@ -1305,7 +1306,7 @@ fn apply_batch(conn: &Connection, writes: &[Write]) -> rusqlite::Result<Vec<Writ
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 )?
                 .execute(params![
-                    kind_str(item.kind),
+                    item.kind.as_str(),
                     item.room,
                     item.message_id.map(id_param).transpose()?,
                     item.user_id,
@@ -1314,11 +1315,11 @@ fn apply_batch(conn: &Connection, writes: &[Write]) -> rusqlite::Result<Vec<Writ
                     item.reason,
                     item.filter,
                     item.reporter,
-                    time(item.ts),
-                    time(item.created_at),
-                    status_str(item.status),
+                    stored_time(item.ts),
+                    stored_time(item.created_at),
+                    item.status.as_str(),
                     item.decided_by,
-                    item.decided_at.map(time),
+                    item.decided_at.map(stored_time),
                 ])?;
                 Written::Id(conn.last_insert_rowid())
             }
@@ -1326,7 +1327,7 @@ fn apply_batch(conn: &Connection, writes: &[Write]) -> rusqlite::Result<Vec<Writ
                 conn.prepare_cached(
                     "UPDATE review_items SET status = ?2, decided_by = ?3, decided_at = ?4 WHERE id = ?1",
                 )?
-                .execute(params![id, status_str(*status), by, time(*at)])?;
+                .execute(params![id, status.as_str(), by, stored_time(*at)])?;
                 Written::Done
             }
             Write::RoomSettings(settings) => {
@@ -1344,7 +1345,7 @@ fn apply_batch(conn: &Connection, writes: &[Write]) -> rusqlite::Result<Vec<Writ
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?
                 .execute(params![
-                    time(entry.at),
+                    stored_time(entry.at),
                     entry.actor,
                     entry.action,
                     entry.target,
@@ -1378,7 +1379,7 @@ fn query_bans(conn: &Connection, active_at: Option<u64>) -> rusqlite::Result<Vec
         // A lifted ban's expires_at was moved to when it was lifted.
         Some(at) => conn
             .prepare_cached(&format!("{SELECT} WHERE expires_at IS NULL OR expires_at > ?1 ORDER BY id DESC"))?
-            .query_map([time(at)], read)?
+            .query_map([stored_time(at)], read)?
             .collect(),
         None => conn.prepare_cached(&format!("{SELECT} ORDER BY id DESC"))?.query_map([], read)?.collect(),
     }
@@ -1392,10 +1393,9 @@ fn read_review(row: &Row<'_>) -> rusqlite::Result<ReviewItem> {
     let status: String = row.get(12)?;
     Ok(ReviewItem {
         id: row.get(0)?,
-        kind: match kind.as_str() {
-            "held" => ReviewKind::Held,
-            "report" => ReviewKind::Report,
-            _ => return Err(bad_value(1, Type::Text, format!("unknown review kind {kind:?}"))),
+        kind: match ReviewKind::parse(&kind) {
+            Some(kind) => kind,
+            None => return Err(bad_value(1, Type::Text, format!("unknown review kind {kind:?}"))),
         },
         room: row.get(2)?,
         message_id: to_opt_u64(row, 3)?,
@@ -1407,11 +1407,9 @@ fn read_review(row: &Row<'_>) -> rusqlite::Result<ReviewItem> {
         reporter: row.get(9)?,
         ts: to_u64(row, 10)?,
         created_at: to_u64(row, 11)?,
-        status: match status.as_str() {
-            "pending" => ReviewStatus::Pending,
-            "approved" => ReviewStatus::Approved,
-            "denied" => ReviewStatus::Denied,
-            _ => return Err(bad_value(12, Type::Text, format!("unknown review status {status:?}"))),
+        status: match ReviewStatus::parse(&status) {
+            Some(status) => status,
+            None => return Err(bad_value(12, Type::Text, format!("unknown review status {status:?}"))),
         },
         decided_by: row.get(13)?,
         decided_at: to_opt_u64(row, 14)?,
@@ -1426,27 +1424,6 @@ fn read_message(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
         json: row.get(3)?,
         ts: to_u64(row, 4)?,
     })
-}
-
-fn kind_str(kind: ReviewKind) -> &'static str {
-    match kind {
-        ReviewKind::Held => "held",
-        ReviewKind::Report => "report",
-    }
-}
-
-fn status_str(status: ReviewStatus) -> &'static str {
-    match status {
-        ReviewStatus::Pending => "pending",
-        ReviewStatus::Approved => "approved",
-        ReviewStatus::Denied => "denied",
-    }
-}
-
-/// A time (ms since the epoch) as stored: past `i64::MAX` it saturates,
-/// which only moves "practically never" to "never".
-fn time(ms: u64) -> i64 {
-    i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
 /// A message id as stored; one past `i64::MAX` is an error for its batch.
@@ -1476,10 +1453,6 @@ fn to_opt_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<u64>> {
 
 fn bad_value(idx: usize, ty: Type, message: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(idx, ty, message.into())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Forgets the queued message ids of a resolved group: the database now
