@@ -2,7 +2,7 @@
 //!
 //! The hub pushes shared frames ([`Bytes`] clones: a reference count, no copy)
 //! from any task; the client's connection task takes everything queued at once
-//! and writes it with one `writev`. A client whose queue is full when a frame
+//! and writes it with one `write` (copied together, up to 64 KiB). A client whose queue is full when a frame
 //! arrives is a slow consumer: its queue is dropped and it is closed with 1008,
 //! so that nobody else waits for it.
 //!
