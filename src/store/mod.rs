@@ -13,6 +13,7 @@
 //! [`open`] picks the one the config names.
 
 pub mod postgres;
+mod queue;
 pub mod sqlite;
 
 use std::fmt;
@@ -25,7 +26,7 @@ use tokio::sync::oneshot;
 /// refused rather than touched.
 pub const SCHEMA_VERSION: u32 = 1;
 
-pub use sqlite::StoreStats;
+pub use queue::StoreStats;
 
 /// Opens the store `[store]` selects: PostgreSQL when `url` is set, else
 /// the SQLite file at `path`.

@@ -88,7 +88,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -100,6 +100,7 @@ use ::postgres::types::ToSql;
 use ::postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Statement, Transaction};
 use tokio::sync::oneshot;
 
+use super::queue::{Job, Pending, Queue, unavailable};
 use super::{
     AuditEntry, AuditQuery, Ban, Commit, Committed, Mute, ReviewItem, ReviewKind, ReviewStatus, RoomSettings,
     SCHEMA_VERSION, Snapshot, Store, StoreError, StoreStats, StoredMessage, Strikes, Write, Written, stored_time,
@@ -332,32 +333,8 @@ pub struct PostgresStore {
 struct Shared {
     /// Connected, and the last commit did not fail as a whole.
     healthy: AtomicBool,
-    /// [`PostgresStore::close`] was called.
-    closed: AtomicBool,
-    commits: AtomicU64,
-    batches: AtomicU64,
-    writes: AtomicU64,
-    failed_commits: AtomicU64,
-    pruned: AtomicU64,
-    /// Highest message id per room among writes queued but not yet
-    /// resolved, so that `last_message_id` counts them.
-    queued_ids: Mutex<HashMap<String, u64>>,
-}
-
-/// What the writer thread is asked to do.
-enum Job {
-    /// Commit these writes and resolve the commit.
-    Batch(Pending),
-    /// Run a full retention pass and report how many messages it deleted.
-    Prune(oneshot::Sender<Result<u64, StoreError>>),
-    /// Commit what is queued and stop.
-    Shutdown,
-}
-
-/// A batch waiting for its commit.
-struct Pending {
-    writes: Vec<Write>,
-    reply: oneshot::Sender<Committed>,
+    /// Closed flag, counters and the ids still queued.
+    queue: Queue,
 }
 
 /// A read, run by a reader thread with its connection.
@@ -534,7 +511,7 @@ impl PostgresStore {
             {
                 Ok(handle) => readers.push(handle),
                 Err(e) => {
-                    shared.closed.store(true, Ordering::SeqCst);
+                    shared.queue.closed.store(true, Ordering::SeqCst);
                     let _ = jobs.send(Job::Shutdown);
                     let _ = writer.join();
                     return Err(StoreError::Unavailable(format!("cannot start a store reader thread: {e}")));
@@ -554,7 +531,7 @@ impl PostgresStore {
     /// writes fail with [`StoreError::Unavailable`]; reads keep working.
     /// Idempotent; also run on drop.
     pub fn close(&self) {
-        if !self.shared.closed.swap(true, Ordering::SeqCst) {
+        if !self.shared.queue.closed.swap(true, Ordering::SeqCst) {
             let _ = self.jobs.send(Job::Shutdown);
         }
         let writer = lock(&self.writer).take();
@@ -567,23 +544,12 @@ impl PostgresStore {
     /// returns how many messages it deleted (0 while another node holds the
     /// retention lock). Blocks: call it outside async code.
     pub fn run_retention(&self) -> Result<u64, StoreError> {
-        let (reply, result) = oneshot::channel();
-        if self.shared.closed.load(Ordering::SeqCst) || self.jobs.send(Job::Prune(reply)).is_err() {
-            return Err(unavailable());
-        }
-        result.blocking_recv().unwrap_or_else(|_| Err(unavailable()))
+        self.shared.queue.run_retention(&self.jobs)
     }
 
     /// Counters of the writer thread.
     pub fn stats(&self) -> StoreStats {
-        let s = &self.shared;
-        StoreStats {
-            commits: s.commits.load(Ordering::Relaxed),
-            batches: s.batches.load(Ordering::Relaxed),
-            writes: s.writes.load(Ordering::Relaxed),
-            failed_commits: s.failed_commits.load(Ordering::Relaxed),
-            pruned: s.pruned.load(Ordering::Relaxed),
-        }
+        self.shared.queue.stats()
     }
 
     /// Runs `read` on a reader thread's connection and waits for it. A read
@@ -619,7 +585,7 @@ impl fmt::Debug for PostgresStore {
         f.debug_struct("PostgresStore")
             .field("target", &self.target)
             .field("healthy", &self.shared.healthy.load(Ordering::Relaxed))
-            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .field("closed", &self.shared.queue.closed.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -642,23 +608,7 @@ const REVIEW_SELECT: &str = "SELECT id, kind, room, message_id, user_id, nick, c
 
 impl Store for PostgresStore {
     fn write(&self, writes: Vec<Write>) -> Commit {
-        if self.shared.closed.load(Ordering::SeqCst) {
-            return Commit::ready(Err(unavailable()));
-        }
-        {
-            let mut queued = lock(&self.shared.queued_ids);
-            for write in &writes {
-                if let Write::Message(m) = write {
-                    let id = queued.entry(m.room.clone()).or_insert(0);
-                    *id = (*id).max(m.id);
-                }
-            }
-        }
-        let (reply, commit) = Commit::pending();
-        match self.jobs.send(Job::Batch(Pending { writes, reply })) {
-            Ok(()) => commit,
-            Err(_) => Commit::ready(Err(unavailable())),
-        }
+        self.shared.queue.write(&self.jobs, writes)
     }
 
     fn history(&self, room: &str, before: Option<u64>, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
@@ -678,7 +628,7 @@ impl Store for PostgresStore {
     }
 
     fn last_message_id(&self, room: &str) -> Result<u64, StoreError> {
-        let queued = lock(&self.shared.queued_ids).get(room).copied().unwrap_or(0);
+        let queued = self.shared.queue.queued_id(room);
         let room = room.to_owned();
         let stored = self.read(move |conn| {
             let statement = prepared(&mut conn.client, &mut conn.statements, LAST_ID_SQL)?;
@@ -828,12 +778,8 @@ impl Store for PostgresStore {
     }
 
     fn is_healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::SeqCst) && !self.shared.closed.load(Ordering::SeqCst)
+        self.shared.healthy.load(Ordering::SeqCst) && !self.shared.queue.closed.load(Ordering::SeqCst)
     }
-}
-
-fn unavailable() -> StoreError {
-    StoreError::Unavailable("the store is closed".into())
 }
 
 /// The schema version in the database, read without writing anything
@@ -1210,24 +1156,15 @@ impl Writer {
             Ok(results) => {
                 self.last_used = Instant::now();
                 self.shared.healthy.store(true, Ordering::SeqCst);
-                let (batches, writes) = group
-                    .iter()
-                    .zip(&results)
-                    .filter(|(_, result)| result.is_ok())
-                    .fold((0, 0), |(b, w), (pending, _)| (b + 1, w + pending.writes.len() as u64));
-                self.shared.commits.fetch_add(1, Ordering::Relaxed);
-                self.shared.batches.fetch_add(batches, Ordering::Relaxed);
-                self.shared.writes.fetch_add(writes, Ordering::Relaxed);
+                let writes = self.shared.queue.committed(&group, &results);
                 self.last_group_writes = self.last_group_writes.saturating_add(writes as usize);
-                forget_queued(&self.shared, &group);
                 for (pending, result) in group.into_iter().zip(results) {
                     let _ = pending.reply.send(result);
                 }
             }
             Err(error) => {
-                self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
+                self.shared.queue.failed(&group);
                 tracing::error!(%error, batches = group.len(), "store commit failed");
-                forget_queued(&self.shared, &group);
                 for pending in group {
                     let _ = pending.reply.send(Err(match &error {
                         StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
@@ -1295,7 +1232,7 @@ impl Writer {
         let outcome = match result {
             Ok((deleted, more)) => {
                 self.pass_deleted += deleted;
-                self.shared.pruned.fetch_add(deleted, Ordering::Relaxed);
+                self.shared.queue.pruned(deleted);
                 if more {
                     return;
                 }
@@ -1815,18 +1752,4 @@ fn get_u64(row: &Row, idx: usize) -> Result<u64, PgError> {
 fn get_opt_u64(row: &Row, idx: usize) -> Result<Option<u64>, PgError> {
     let v: Option<i64> = row.try_get(idx)?;
     v.map(|v| u64::try_from(v).map_err(|_| PgError::Value(format!("column {idx}: {v} is negative")))).transpose()
-}
-
-/// Forgets the queued message ids of a resolved group: the database now
-/// holds them (or, for failed batches, never will). Called before the
-/// group's commits resolve, so that a caller woken by one sees the database.
-fn forget_queued(shared: &Shared, group: &[Pending]) {
-    let mut queued = lock(&shared.queued_ids);
-    for write in group.iter().flat_map(|p| &p.writes) {
-        if let Write::Message(m) = write
-            && queued.get(&m.room).is_some_and(|q| *q <= m.id)
-        {
-            queued.remove(&m.room);
-        }
-    }
 }

@@ -83,11 +83,10 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
-use crate::lock;
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -95,9 +94,10 @@ use rusqlite::types::{Type, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use tokio::sync::oneshot;
 
+use super::queue::{Job, Pending, Queue, unavailable};
 use super::{
     AuditEntry, AuditQuery, Ban, Commit, Committed, Mute, ReviewItem, ReviewKind, ReviewStatus, RoomSettings,
-    SCHEMA_VERSION, Snapshot, Store, StoreError, StoredMessage, Strikes, Write, Written, stored_time,
+    SCHEMA_VERSION, Snapshot, Store, StoreError, StoreStats, StoredMessage, Strikes, Write, Written, stored_time,
 };
 use crate::config::{StoreConfig, Synchronous};
 use crate::protocol::now_ms;
@@ -282,73 +282,26 @@ pub struct SqliteStore {
 struct Shared {
     /// The last commit succeeded (and the writer is running).
     healthy: AtomicBool,
-    /// [`SqliteStore::close`] was called.
-    closed: AtomicBool,
     /// The WAL is past [`WAL_RESET_FRAMES`]: checkpoint without pausing.
     wal_over: AtomicBool,
     /// The writer is about to finish a checkpoint: do not start one.
     reset_wanted: AtomicBool,
     /// Held while checkpointing (writer or checkpointer).
     checkpoint_turn: Mutex<()>,
-    commits: AtomicU64,
-    batches: AtomicU64,
-    writes: AtomicU64,
-    failed_commits: AtomicU64,
-    pruned: AtomicU64,
-    /// Highest message id per room among writes queued but not yet
-    /// resolved, so that `last_message_id` counts them (a room recreated
-    /// right after its last member left must not reuse an id).
-    queued_ids: Mutex<HashMap<String, u64>>,
+    /// Closed flag, counters and the ids still queued.
+    queue: Queue,
 }
 
 impl Shared {
     fn new() -> Shared {
         Shared {
             healthy: AtomicBool::new(true),
-            closed: AtomicBool::new(false),
             wal_over: AtomicBool::new(false),
             reset_wanted: AtomicBool::new(false),
             checkpoint_turn: Mutex::new(()),
-            commits: AtomicU64::new(0),
-            batches: AtomicU64::new(0),
-            writes: AtomicU64::new(0),
-            failed_commits: AtomicU64::new(0),
-            pruned: AtomicU64::new(0),
-            queued_ids: Mutex::default(),
+            queue: Queue::default(),
         }
     }
-}
-
-/// What the writer thread has done since the store was opened (for metrics
-/// and benchmarks).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StoreStats {
-    /// Transactions committed, each holding one group of batches.
-    pub commits: u64,
-    /// Batches committed (a batch that failed alone is not counted).
-    pub batches: u64,
-    /// Writes in those batches.
-    pub writes: u64,
-    /// Groups whose transaction failed as a whole.
-    pub failed_commits: u64,
-    /// Messages deleted by retention.
-    pub pruned: u64,
-}
-
-/// What the writer thread is asked to do.
-enum Job {
-    /// Commit these writes and resolve the commit.
-    Batch(Pending),
-    /// Run a full retention pass and report how many messages it deleted.
-    Prune(oneshot::Sender<Result<u64, StoreError>>),
-    /// Commit what is queued and stop.
-    Shutdown,
-}
-
-/// A batch waiting for its commit.
-struct Pending {
-    writes: Vec<Write>,
-    reply: oneshot::Sender<Committed>,
 }
 
 impl SqliteStore {
@@ -396,7 +349,7 @@ impl SqliteStore {
         };
         let handle =
             std::thread::Builder::new().name("wardroom-store".into()).spawn(move || writer.run()).map_err(|e| {
-                shared.closed.store(true, Ordering::SeqCst);
+                shared.queue.closed.store(true, Ordering::SeqCst);
                 checkpointer.thread().unpark();
                 StoreError::Unavailable(format!("cannot start the writer thread: {e}"))
             })?;
@@ -421,7 +374,7 @@ impl SqliteStore {
     /// store's threads. Later writes fail with [`StoreError::Unavailable`];
     /// reads keep working. Idempotent; also run on drop.
     pub fn close(&self) {
-        if !self.shared.closed.swap(true, Ordering::SeqCst) {
+        if !self.shared.queue.closed.swap(true, Ordering::SeqCst) {
             let _ = self.jobs.send(Job::Shutdown);
         }
         // The checkpointer first, so that the writer's last checkpoint does
@@ -444,23 +397,12 @@ impl SqliteStore {
     /// on the writer thread, between commits. Blocks: call it outside async
     /// code (or in `spawn_blocking`).
     pub fn run_retention(&self) -> Result<u64, StoreError> {
-        let (reply, result) = oneshot::channel();
-        if self.shared.closed.load(Ordering::SeqCst) || self.jobs.send(Job::Prune(reply)).is_err() {
-            return Err(unavailable());
-        }
-        result.blocking_recv().unwrap_or_else(|_| Err(unavailable()))
+        self.shared.queue.run_retention(&self.jobs)
     }
 
     /// Counters of the writer thread.
     pub fn stats(&self) -> StoreStats {
-        let s = &self.shared;
-        StoreStats {
-            commits: s.commits.load(Ordering::Relaxed),
-            batches: s.batches.load(Ordering::Relaxed),
-            writes: s.writes.load(Ordering::Relaxed),
-            failed_commits: s.failed_commits.load(Ordering::Relaxed),
-            pruned: s.pruned.load(Ordering::Relaxed),
-        }
+        self.shared.queue.stats()
     }
 
     /// A read connection: a free one if any, else waits for one.
@@ -488,30 +430,14 @@ impl fmt::Debug for SqliteStore {
         f.debug_struct("SqliteStore")
             .field("path", &self.path)
             .field("healthy", &self.shared.healthy.load(Ordering::Relaxed))
-            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .field("closed", &self.shared.queue.closed.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
 
 impl Store for SqliteStore {
     fn write(&self, writes: Vec<Write>) -> Commit {
-        if self.shared.closed.load(Ordering::SeqCst) {
-            return Commit::ready(Err(unavailable()));
-        }
-        {
-            let mut queued = lock(&self.shared.queued_ids);
-            for write in &writes {
-                if let Write::Message(m) = write {
-                    let id = queued.entry(m.room.clone()).or_insert(0);
-                    *id = (*id).max(m.id);
-                }
-            }
-        }
-        let (reply, commit) = Commit::pending();
-        match self.jobs.send(Job::Batch(Pending { writes, reply })) {
-            Ok(()) => commit,
-            Err(_) => Commit::ready(Err(unavailable())),
-        }
+        self.shared.queue.write(&self.jobs, writes)
     }
 
     fn history(&self, room: &str, before: Option<u64>, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
@@ -532,7 +458,7 @@ impl Store for SqliteStore {
     }
 
     fn last_message_id(&self, room: &str) -> Result<u64, StoreError> {
-        let queued = lock(&self.shared.queued_ids).get(room).copied().unwrap_or(0);
+        let queued = self.shared.queue.queued_id(room);
         let conn = self.reader();
         let mut stmt = conn.prepare_cached("SELECT last_id FROM rooms_seq WHERE room = ?1")?;
         let id = stmt.query_row([room], |row| to_u64(row, 0)).optional()?;
@@ -655,7 +581,7 @@ impl Store for SqliteStore {
     }
 
     fn is_healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::SeqCst) && !self.shared.closed.load(Ordering::SeqCst)
+        self.shared.healthy.load(Ordering::SeqCst) && !self.shared.queue.closed.load(Ordering::SeqCst)
     }
 }
 
@@ -663,10 +589,6 @@ impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError::Database(e.to_string())
     }
-}
-
-fn unavailable() -> StoreError {
-    StoreError::Unavailable("the store is closed".into())
 }
 
 /// Opens the read-write connection, refuses a too-new schema, sets the
@@ -738,7 +660,7 @@ impl Checkpointer {
             if !hurry || shared.reset_wanted.load(Ordering::Relaxed) {
                 std::thread::park_timeout(CHECKPOINT_IDLE);
             }
-            if shared.closed.load(Ordering::SeqCst) {
+            if shared.queue.closed.load(Ordering::SeqCst) {
                 break;
             }
             if shared.reset_wanted.load(Ordering::Relaxed) {
@@ -956,17 +878,9 @@ impl Writer {
         match results {
             Ok(results) => {
                 self.shared.healthy.store(true, Ordering::SeqCst);
-                let (batches, writes) = group
-                    .iter()
-                    .zip(&results)
-                    .filter(|(_, result)| result.is_ok())
-                    .fold((0, 0), |(b, w), (pending, _)| (b + 1, w + pending.writes.len() as u64));
-                self.shared.commits.fetch_add(1, Ordering::Relaxed);
-                self.shared.batches.fetch_add(batches, Ordering::Relaxed);
-                self.shared.writes.fetch_add(writes, Ordering::Relaxed);
+                let writes = self.shared.queue.committed(&group, &results);
                 self.last_group_writes = self.last_group_writes.saturating_add(writes as usize);
                 self.wake_checkpointer();
-                forget_queued(&self.shared, &group);
                 for (pending, result) in group.into_iter().zip(results) {
                     let _ = pending.reply.send(result);
                 }
@@ -978,9 +892,8 @@ impl Writer {
                     GroupFailure::Commit(e) => e.to_string(),
                 };
                 self.shared.healthy.store(false, Ordering::SeqCst);
-                self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
+                self.shared.queue.failed(&group);
                 tracing::error!(error = %message, batches = group.len(), "store commit failed");
-                forget_queued(&self.shared, &group);
                 for pending in group {
                     let _ = pending.reply.send(Err(StoreError::Database(message.clone())));
                 }
@@ -1135,7 +1048,7 @@ impl Writer {
         let outcome = match result {
             Ok((deleted, more)) => {
                 self.pass_deleted += deleted;
-                self.shared.pruned.fetch_add(deleted, Ordering::Relaxed);
+                self.shared.queue.pruned(deleted);
                 if more {
                     return;
                 }
@@ -1473,20 +1386,6 @@ fn bad_value(idx: usize, ty: Type, message: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(idx, ty, message.into())
 }
 
-/// Forgets the queued message ids of a resolved group: the database now
-/// holds them (or, for failed batches, never will). Called before the
-/// group's commits resolve, so that a caller woken by one sees the database.
-fn forget_queued(shared: &Shared, group: &[Pending]) {
-    let mut queued = lock(&shared.queued_ids);
-    for write in group.iter().flat_map(|p| &p.writes) {
-        if let Write::Message(m) = write
-            && queued.get(&m.room).is_some_and(|q| *q <= m.id)
-        {
-            queued.remove(&m.room);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU64;
@@ -1653,8 +1552,7 @@ mod tests {
     }
 
     fn pending(writes: Vec<Write>) -> (Pending, Commit) {
-        let (reply, commit) = Commit::pending();
-        (Pending { writes, reply }, commit)
+        Pending::new(writes)
     }
 
     #[test]
