@@ -8,7 +8,7 @@
 //!   It never waits for the writer, except by design: while the client's own
 //!   outbox is at least half full, the reader pauses, so a client that sends
 //!   faster than it reads is slowed by TCP instead of buffered without bound.
-//!   It also pauses after [`REQUESTS_PER_POLL`] requests and yields the
+//!   It also pauses after `REQUESTS_PER_POLL` requests and yields the
 //!   worker thread, so a client that keeps requests in flight (history
 //!   pages, say) is served in turn with everyone else rather than first.
 //!

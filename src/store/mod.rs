@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 /// refused rather than touched.
 pub const SCHEMA_VERSION: u32 = 1;
 
-pub use queue::StoreStats;
+pub use queue::{MAX_GROUP_WRITES, StoreStats};
 
 /// Opens the store `[store]` selects: PostgreSQL when `url` is set, else
 /// the SQLite file at `path`.

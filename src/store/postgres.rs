@@ -14,7 +14,7 @@
 //! - **The writer thread** owns one connection. [`Store::write`] sends the
 //!   batch with the sender half of its [`Commit`] and returns at once. The
 //!   writer blocks for the first batch, drains whatever else is queued (up to
-//!   [`MAX_GROUP_WRITES`] writes), runs the whole group in one transaction
+//!   [`MAX_GROUP_WRITES`](super::MAX_GROUP_WRITES) writes), runs the whole group in one transaction
 //!   and only after `COMMIT` returns resolves each batch, in queue order
 //!   (group commit). Consecutive messages of a group go in as one
 //!   `INSERT … SELECT FROM unnest(…)`, so a group of a thousand single-message
@@ -100,7 +100,7 @@ use ::postgres::types::ToSql;
 use ::postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Statement, Transaction};
 use tokio::sync::oneshot;
 
-use super::queue::{Job, Pending, Queue, unavailable};
+use super::queue::{Job, Pending, Queue, gather, unavailable};
 use super::{
     AuditEntry, AuditQuery, Ban, Commit, Committed, Mute, ReviewItem, ReviewKind, ReviewStatus, RoomSettings,
     SCHEMA_VERSION, Snapshot, Store, StoreError, StoreStats, StoredMessage, Strikes, Write, Written, stored_time,
@@ -108,10 +108,6 @@ use super::{
 use crate::config::{StoreConfig, Synchronous};
 use crate::lock;
 use crate::protocol::now_ms;
-
-/// Most writes committed in one transaction; a single larger batch is still
-/// committed whole.
-pub const MAX_GROUP_WRITES: usize = 4096;
 
 /// How often retention runs (between commit groups).
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
@@ -1106,21 +1102,8 @@ impl Writer {
         while let Some(job) = next.take() {
             match job {
                 Job::Batch(pending) => {
-                    let mut writes = pending.writes.len();
-                    let mut group = vec![pending];
-                    while writes < MAX_GROUP_WRITES {
-                        match self.jobs.try_recv() {
-                            Ok(Job::Batch(pending)) => {
-                                writes += pending.writes.len();
-                                group.push(pending);
-                            }
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    let (group, after) = gather(pending, &self.jobs);
+                    next = after;
                     self.commit_group(group);
                 }
                 Job::Prune(reply) => {

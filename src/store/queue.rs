@@ -5,12 +5,16 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 
 use tokio::sync::oneshot;
 
 use super::{Commit, Committed, StoreError, Write};
 use crate::lock;
+
+/// Most writes committed in one transaction; a single larger batch is still
+/// committed whole.
+pub const MAX_GROUP_WRITES: usize = 4096;
 
 /// What the writer thread has done since the store was opened (for metrics
 /// and benchmarks).
@@ -50,6 +54,25 @@ impl Pending {
         let (reply, commit) = Commit::pending();
         (Pending { writes, reply }, commit)
     }
+}
+
+/// A group to commit: `first` and the batches queued right behind it, up to
+/// [`MAX_GROUP_WRITES`] writes; and the job that is not a batch that ended
+/// the group, if one did.
+pub(super) fn gather(first: Pending, jobs: &Receiver<Job>) -> (Vec<Pending>, Option<Job>) {
+    let mut writes = first.writes.len();
+    let mut group = vec![first];
+    while writes < MAX_GROUP_WRITES {
+        match jobs.try_recv() {
+            Ok(Job::Batch(pending)) => {
+                writes += pending.writes.len();
+                group.push(pending);
+            }
+            Ok(other) => return (group, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (group, None)
 }
 
 /// The error of a write or request made after the store was closed.

@@ -14,7 +14,7 @@
 //!   a group gathers for half a millisecond instead of committing each
 //!   batch on its own, which cost a WAL write of several pages and a thread
 //!   wake-up per message); then it drains whatever else is queued (up to
-//!   [`MAX_GROUP_WRITES`] writes) and runs the whole group in *one*
+//!   [`MAX_GROUP_WRITES`](super::MAX_GROUP_WRITES) writes) and runs the whole group in *one*
 //!   transaction: one commit, so one `fsync` with `synchronous = FULL`, no
 //!   matter how many batches rode along (group commit). Only after `COMMIT`
 //!   returns does it resolve each batch's [`Commit`], in queue order, with the
@@ -94,17 +94,13 @@ use rusqlite::types::{Type, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use tokio::sync::oneshot;
 
-use super::queue::{Job, Pending, Queue, unavailable};
+use super::queue::{Job, Pending, Queue, gather, unavailable};
 use super::{
     AuditEntry, AuditQuery, Ban, Commit, Committed, Mute, ReviewItem, ReviewKind, ReviewStatus, RoomSettings,
     SCHEMA_VERSION, Snapshot, Store, StoreError, StoreStats, StoredMessage, Strikes, Write, Written, stored_time,
 };
 use crate::config::{StoreConfig, Synchronous};
 use crate::protocol::now_ms;
-
-/// Most writes committed in one transaction; a single larger batch is still
-/// committed whole.
-pub const MAX_GROUP_WRITES: usize = 4096;
 
 /// Least time from the start of one commit to the start of the next. A
 /// batch that arrives after a quiet spell is committed at once; under load,
@@ -830,26 +826,13 @@ impl Writer {
             match job {
                 Job::Batch(pending) => {
                     // Under load, let the group gather (see COMMIT_PACE).
-                    let gather = COMMIT_PACE.saturating_sub(self.last_commit.elapsed());
-                    if !gather.is_zero() {
-                        std::thread::sleep(gather);
+                    let wait = COMMIT_PACE.saturating_sub(self.last_commit.elapsed());
+                    if !wait.is_zero() {
+                        std::thread::sleep(wait);
                     }
                     self.last_commit = Instant::now();
-                    let mut writes = pending.writes.len();
-                    let mut group = vec![pending];
-                    while writes < MAX_GROUP_WRITES {
-                        match self.jobs.try_recv() {
-                            Ok(Job::Batch(pending)) => {
-                                writes += pending.writes.len();
-                                group.push(pending);
-                            }
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    let (group, after) = gather(pending, &self.jobs);
+                    next = after;
                     self.commit_group(group);
                 }
                 Job::Prune(reply) => {
