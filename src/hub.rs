@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -114,7 +115,11 @@ async fn run_commit_callbacks(hub: Weak<Hub>, mut queued: mpsc::UnboundedReceive
         if let Some(hub) = hub.upgrade() {
             hub.metrics.store_commit.observe(started.elapsed());
         }
-        then(result);
+        // A callback that panics (a bug) must not stop every later ack, as
+        // it would if it unwound through this one task.
+        if std::panic::catch_unwind(AssertUnwindSafe(|| then(result))).is_err() {
+            tracing::error!("a commit callback panicked");
+        }
     };
     loop {
         tokio::select! {
