@@ -56,18 +56,7 @@ async fn admin(server: &ServerProcess, method: &str, path: &str, body: &Value) -
 async fn verify(server: &ServerProcess, acked: &Acknowledged) {
     let mut reader = Client::connect(&server.ws_url("nick=Checker")).await;
     reader.join("ledger").await;
-    let mut stored = BTreeSet::new();
-    let mut before: Option<u64> = None;
-    loop {
-        reader.send(json!({"type": "history", "room": "ledger", "before": before, "limit": 200})).await;
-        let page = reader.recv().await;
-        let ids: Vec<u64> = page["messages"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect();
-        stored.extend(ids.iter().copied());
-        if page["more"] != true || ids.is_empty() {
-            break;
-        }
-        before = ids.first().copied();
-    }
+    let stored = reader.history_ids("ledger").await;
     let lost: Vec<_> = acked.messages.difference(&stored).take(5).collect();
     assert!(lost.is_empty(), "acknowledged messages lost, e.g. {lost:?}");
 

@@ -116,18 +116,7 @@ async fn kill_9_loses_no_acknowledged_message_ban_mute_or_audit_entry() {
     let server = start(&config);
     let mut reader = Client::connect(&server.ws_url("nick=Reader")).await;
     reader.join("log").await;
-    let mut stored = BTreeSet::new();
-    let mut before: Option<u64> = None;
-    loop {
-        reader.send(json!({"type": "history", "room": "log", "before": before, "limit": 200})).await;
-        let page = reader.recv().await;
-        let ids: Vec<u64> = page["messages"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect();
-        stored.extend(ids.iter().copied());
-        if page["more"] != true || ids.is_empty() {
-            break;
-        }
-        before = ids.first().copied();
-    }
+    let stored = reader.history_ids("log").await;
     let lost: Vec<_> = acked.difference(&stored).collect();
     assert!(lost.is_empty(), "{} acknowledged messages lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
 

@@ -269,6 +269,29 @@ impl Client {
         joined
     }
 
+    /// The ids of every message `history` holds for `room` (joined), paging
+    /// back 200 at a time.
+    pub async fn history_ids(&mut self, room: &str) -> std::collections::BTreeSet<u64> {
+        let mut stored = std::collections::BTreeSet::new();
+        let mut before: Option<u64> = None;
+        loop {
+            self.send(json!({"type": "history", "room": room, "before": before, "limit": 200})).await;
+            let page = self.recv().await;
+            assert_eq!(page["type"], "history", "{page}");
+            let ids: Vec<u64> = page["messages"]
+                .as_array()
+                .expect("history messages")
+                .iter()
+                .map(|m| m["id"].as_u64().expect("message id"))
+                .collect();
+            stored.extend(ids.iter().copied());
+            if page["more"] != true || ids.is_empty() {
+                return stored;
+            }
+            before = ids.first().copied();
+        }
+    }
+
     /// Sends a message with a `ref` and returns the `ack`, skipping the
     /// message's own echo and anything else that arrives first.
     pub async fn post(&mut self, room: &str, content: &str) -> Value {
