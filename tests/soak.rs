@@ -593,6 +593,19 @@ impl Field {
         !self.stop.load(Ordering::Relaxed)
     }
 
+    /// A WebSocket past its `welcome` from 127.0.0.`source`; on failure the
+    /// attempt is recorded against `attack`, and None comes after a pause.
+    async fn open(&self, attack: &'static str, source: u8) -> Option<Ws> {
+        match open(self.addr, source, "/ws").await {
+            Ok(ws) => Some(ws),
+            Err(e) => {
+                self.tally.record(attack, format!("could not connect: {e}"), false, Duration::ZERO);
+                self.pause(Duration::from_secs(1)).await;
+                None
+            }
+        }
+    }
+
     /// Waits `pause`, or less if the attack ends first.
     async fn pause(&self, pause: Duration) {
         let until = Instant::now() + pause;
@@ -676,12 +689,7 @@ async fn oversized(field: Field) {
     let mut n = 0u64;
     while field.running() {
         n += 1;
-        let Ok(mut ws) = open(field.addr, sources.next(), "/ws").await.map_err(|e| {
-            field.tally.record(OVERSIZED, format!("could not connect: {e}"), false, Duration::ZERO);
-        }) else {
-            field.pause(Duration::from_secs(1)).await;
-            continue;
-        };
+        let Some(mut ws) = field.open(OVERSIZED, sources.next()).await else { continue };
         if n % 2 == 1 {
             let mut header = vec![0x81, 0x80 | 127];
             header.extend_from_slice(&(1u64 << 20).to_be_bytes());
@@ -703,12 +711,7 @@ async fn oversized(field: Field) {
 async fn fragmented(field: Field) {
     let mut sources = Sources::new(104, 4);
     while field.running() {
-        let Ok(mut ws) = open(field.addr, sources.next(), "/ws").await.map_err(|e| {
-            field.tally.record(FRAGMENTED, format!("could not connect: {e}"), false, Duration::ZERO);
-        }) else {
-            field.pause(Duration::from_secs(1)).await;
-            continue;
-        };
+        let Some(mut ws) = field.open(FRAGMENTED, sources.next()).await else { continue };
         let started = Instant::now();
         let chunk = [b'f'; 512];
         let mut sent = 0;
@@ -758,12 +761,7 @@ async fn invalid_utf8(field: Field) {
     let mut n = 0u64;
     while field.running() {
         n += 1;
-        let Ok(mut ws) = open(field.addr, sources.next(), "/ws").await.map_err(|e| {
-            field.tally.record(INVALID_UTF8, format!("could not connect: {e}"), false, Duration::ZERO);
-        }) else {
-            field.pause(Duration::from_secs(1)).await;
-            continue;
-        };
+        let Some(mut ws) = field.open(INVALID_UTF8, sources.next()).await else { continue };
         if n % 2 == 1 {
             ws.send(&masked_frame(true, TEXT, b"{\"type\":\"nick\",\"nick\":\"\xFF\xFE\"}")).await;
         } else {
@@ -785,12 +783,7 @@ async fn nested_json(field: Field) {
     while field.running() {
         n += 1;
         let attack = if n % 2 == 1 { NESTED_HUGE } else { NESTED_FITS };
-        let Ok(mut ws) = open(field.addr, sources.next(), "/ws").await.map_err(|e| {
-            field.tally.record(attack, format!("could not connect: {e}"), false, Duration::ZERO);
-        }) else {
-            field.pause(Duration::from_secs(1)).await;
-            continue;
-        };
+        let Some(mut ws) = field.open(attack, sources.next()).await else { continue };
         let started = Instant::now();
         if attack == NESTED_HUGE {
             ws.send(&masked_frame(true, TEXT, "[".repeat(100_000).as_bytes())).await;
