@@ -11,9 +11,10 @@
 //! - **The writer thread** owns the only read-write connection. It blocks for
 //!   the first batch; if the previous commit began less than
 //!   [`COMMIT_PACE`] ago, it waits out the rest of that time (so under load
-//!   a group gathers for half a millisecond instead of committing each
+//!   a group gathers for up to a millisecond instead of committing each
 //!   batch on its own, which cost a WAL write of several pages and a thread
-//!   wake-up per message); then it drains whatever else is queued (up to
+//!   wake-up per message, and an acknowledgement write per sender per
+//!   commit on the runtime's side); then it drains whatever else is queued (up to
 //!   [`MAX_GROUP_WRITES`](super::MAX_GROUP_WRITES) writes) and runs the whole group in *one*
 //!   transaction: one commit, so one `fsync` with `synchronous = FULL`, no
 //!   matter how many batches rode along (group commit). Only after `COMMIT`
@@ -105,7 +106,7 @@ use crate::protocol::now_ms;
 /// Least time from the start of one commit to the start of the next. A
 /// batch that arrives after a quiet spell is committed at once; under load,
 /// batches gather for the rest of this time and share one commit.
-pub const COMMIT_PACE: Duration = Duration::from_micros(500);
+pub const COMMIT_PACE: Duration = Duration::from_millis(1);
 
 /// How often retention runs (between commit groups).
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
