@@ -2,7 +2,10 @@
 //! `TcpStream`. The task drives two independent halves:
 //!
 //! - the writer takes everything queued in the client's outbox at once and
-//!   writes it with one vectored write (each message stays its own frame);
+//!   writes it with one `write` (each message stays its own frame). A poll
+//!   writes only before it reads, and one that finds the socket readable
+//!   reads first: under load, every connection of a scheduler round reads
+//!   before any writes, so each writes once per round;
 //! - the reader waits for readability, reads into a per-thread scratch buffer
 //!   (an idle connection owns no read buffer), parses frames and acts on them.
 //!   It never waits for the writer, except by design: while the client's own
@@ -102,6 +105,7 @@ pub async fn upgrade(
         reader: MessageReader::new(limits.max_frame_bytes, limits.max_message_bytes),
         batch: VecDeque::new(),
         read_end: None,
+        write_owed: false,
         paused: false,
         budget: REQUESTS_PER_POLL,
         close_taken: false,
@@ -168,6 +172,8 @@ pub struct Connection {
     batch: VecDeque<Bytes>,
     /// Set once reading is over.
     read_end: Option<ReadEnd>,
+    /// The last poll read and yielded: this one writes before reading.
+    write_owed: bool,
     /// The reader paused (outbox backlog or spent budget) with input left
     /// to handle.
     paused: bool,
@@ -211,44 +217,76 @@ impl Drop for Connection {
 
 impl Connection {
     /// Drives both halves; ready when the close handshake is over.
+    ///
+    /// A poll writes only before it reads. When the socket is readable and
+    /// nothing is owed, it reads first; once it has read, what it owes is
+    /// written at its next poll, which it asks for by yielding. Under load
+    /// every connection in a round of the scheduler reads before any of
+    /// them writes, so each writes once per round what the whole round
+    /// produced, instead of once before and once after its own read.
     fn poll_chat(&mut self, cx: &mut Context<'_>) -> Poll<ReadEnd> {
         self.budget = REQUESTS_PER_POLL;
+        let owed = std::mem::take(&mut self.write_owed);
+        let mut may_write = owed || !self.stream.poll_read_ready(cx).is_ready();
         loop {
-            if let Err(e) = ready!(self.poll_write(cx)) {
+            if may_write && let Err(e) = ready!(self.poll_write(cx)) {
                 tracing::debug!(conn = self.session.client.id, error = %e, "write failed");
                 return Poll::Ready(ReadEnd::Gone);
             }
             match (self.read_end, self.close_written) {
+                (None, _) => {}
+                // Reading is over (the client may have shut its side after
+                // its last frame): what is queued, a Close frame included,
+                // still goes out before the connection ends.
+                (Some(_), _) if !may_write => {
+                    may_write = true;
+                    continue;
+                }
                 (Some(ReadEnd::Gone), _) => return Poll::Ready(ReadEnd::Gone),
                 (Some(end), true) => return Poll::Ready(end),
-                // Reading is over; the Close frame is still being written.
+                // The Close frame is still being written.
                 (Some(_), false) => return Poll::Pending,
-                (None, _) => {}
             }
             if self.session.hub.awaiting_welcome(&self.session.client) {
                 // Requests wait for the welcome (a cluster confirming a
                 // guest's nickname); pushing it wakes us through the outbox.
-                return Poll::Pending;
+                return self.owe_write(cx, may_write);
             }
             let below_backlog = self.session.client.outbox.len() < self.pause_at as usize;
             if self.paused {
                 if !below_backlog {
-                    // The writer is blocked on the socket; it will wake us.
-                    return Poll::Pending;
+                    // The writer must drain the outbox first; if it is
+                    // blocked on the socket, it will wake us.
+                    return self.owe_write(cx, may_write);
                 }
                 if self.budget == 0 {
+                    self.write_owed = true;
                     return yield_now(cx);
                 }
                 self.paused = false;
                 let (session, pause_at, budget) = (&self.session, self.pause_at as usize, &mut self.budget);
                 let result = self.reader.resume(|event| session.on_event(event, pause_at, budget));
                 self.after_feed(result);
+                may_write = false;
                 continue;
             }
-            if !ready!(self.poll_read(cx)) {
-                return Poll::Pending;
+            match self.poll_read(cx) {
+                Poll::Ready(true) => may_write = false,
+                Poll::Ready(false) => {}
+                Poll::Pending => return self.owe_write(cx, may_write),
             }
         }
+    }
+
+    /// Ends a poll. One that did not write yields, so that it writes (and
+    /// registers for the outbox) at its next poll, after the tasks already
+    /// queued on this thread.
+    fn owe_write(&mut self, cx: &mut Context<'_>, wrote: bool) -> Poll<ReadEnd> {
+        if wrote {
+            return Poll::Pending;
+        }
+        self.write_owed = true;
+        yield_now(cx)
     }
 
     /// Shuts our side and discards input until the client closes its side.
@@ -317,15 +355,18 @@ impl Connection {
             Ok(n) => {
                 self.session.client.touch(self.session.hub.now());
                 self.feed(&mut buf[..n]);
-                Ok(())
+                Ok(true)
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(_) => Err(ReadEnd::Gone),
         });
-        if let Err(end) = outcome {
-            self.read_end = Some(end);
+        match outcome {
+            Ok(read) => Poll::Ready(read),
+            Err(end) => {
+                self.read_end = Some(end);
+                Poll::Ready(true)
+            }
         }
-        Poll::Ready(true)
     }
 
     fn feed(&mut self, data: &mut [u8]) {

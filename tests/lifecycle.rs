@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::TestServer;
-use support::raw::{PING, RawClient};
+use support::raw::{PING, RawClient, TEXT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_flushes_queued_messages_then_sends_1001_to_every_client() {
@@ -82,4 +82,28 @@ async fn quiet_clients_are_pinged_and_closed_when_nothing_comes_back() {
     }
     lively.send(json!({"type": "message", "room": "r", "content": "still here", "ref": 1})).await;
     assert_eq!(lively.recv().await["content"], "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_shuts_its_side_after_its_requests_still_gets_the_answers() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start().await;
+    let mut half = RawClient::connect(server.addr, "/ws?nick=half").await;
+    assert_eq!(half.recv().await["type"], "welcome");
+    // Two requests and the end of the client's stream in one TCP segment
+    // (corked until the FIN): the server reads all three before it has
+    // written a reply.
+    let mut requests =
+        support::raw::masked_frame(true, TEXT, json!({"type": "join", "room": "lobby"}).to_string().as_bytes());
+    requests.extend(support::raw::masked_frame(
+        true,
+        TEXT,
+        json!({"type": "message", "room": "lobby", "content": "last words"}).to_string().as_bytes(),
+    ));
+    socket2::SockRef::from(&half.stream).set_tcp_cork(true).expect("cork");
+    half.send_raw(&requests).await;
+    half.stream.shutdown().await.expect("shut the sending side");
+    assert_eq!(half.recv().await["type"], "joined");
+    assert_eq!(half.recv().await["content"], "last words");
+    assert!(half.sees_eof_within(Duration::from_secs(5)).await, "the server ends the connection after answering");
 }
