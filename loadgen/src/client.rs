@@ -142,6 +142,7 @@ async fn flush(conn: Rc<Conn>) {
 }
 
 /// Why a connection's read loop ended.
+#[derive(Debug)]
 enum End {
     /// The server closed the TCP connection.
     Eof,
@@ -362,7 +363,8 @@ fn process(shared: &Shared, conn: &Rc<Conn>, data: &[u8], now: u64) -> Result<Sc
         let keep = match header.opcode {
             OP_TEXT if partial.len() < CLASSIFY_BYTES => true,
             OP_TEXT => match classify(partial) {
-                Kind::Message if header.payload_len <= MAX_CARRY => true,
+                // Deliveries and acks are counted and timed: keep them whole.
+                Kind::Message | Kind::Ack if header.payload_len <= MAX_CARRY => true,
                 kind => {
                     note_kind(shared, conn, kind, partial);
                     false
@@ -447,6 +449,7 @@ fn on_ack(shared: &Shared, payload: &[u8], now: u64) {
     shared.c.acked_total.inc();
     if shared.in_window(stamp.sent_ns) {
         shared.c.acked_window.inc();
+        shared.unacked.borrow_mut().remove(&(stamp.sender, stamp.seq));
         shared.ack_latency.borrow_mut().record(now.saturating_sub(stamp.sent_ns));
     }
 }
@@ -477,4 +480,65 @@ pub fn build_message(
     frame.clear();
     encode_client_frame(frame, OP_TEXT, scratch);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Stamp, write_stamp};
+
+    /// A server text frame (unmasked) with `payload`.
+    fn server_frame(payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0x81];
+        match payload.len() {
+            len @ 0..=125 => frame.push(len as u8),
+            len => {
+                frame.push(126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn an_ack_split_across_reads_is_counted() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let stream = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+            let (_reader, writer) = stream.into_split();
+            let conn = Rc::new(Conn {
+                room: 0,
+                writer,
+                pending: RefCell::default(),
+                flushing: Cell::new(false),
+                alive: Cell::new(true),
+                joined: Cell::new(true),
+                settled: Cell::new(true),
+            });
+            let opts = crate::options::parse(["--ack".to_owned()]).expect("options").expect("run");
+            let shared = Shared::new(opts, std::time::Instant::now());
+            shared.window.set((0, u64::MAX));
+            // As in a run at 50,000 msg/s, 9 s into the window.
+            let stamp = Stamp { sender: 21, seq: 12_163, sent_ns: 12_190_982_000 };
+            shared.unacked.borrow_mut().insert((21, 12_163), stamp.sent_ns);
+
+            let mut reference = Vec::new();
+            write_stamp(&mut reference, shared.run_tag, stamp);
+            let reference = String::from_utf8(reference).expect("stamp");
+            let ack = format!(r#"{{"type":"ack","ref":"{reference}","id":608150,"room":"r0","ts":1764190000000}}"#);
+            let ack = server_frame(ack.as_bytes());
+            // The first read ends inside the ack (a 97-byte payload, as in
+            // those runs), past the bytes that tell what kind of frame it is.
+            let cut = 2 + CLASSIFY_BYTES;
+            assert!(cut < ack.len(), "the ack must be longer than its classified head");
+            let first = process(&shared, &conn, &ack[..cut], stamp.sent_ns + 1_000).expect("first read");
+            assert_eq!((first.consumed, first.skip), (0, 0), "the partial ack is carried over");
+            let second = process(&shared, &conn, &ack, stamp.sent_ns + 2_000).expect("second read");
+            assert_eq!(second.consumed, ack.len());
+            assert_eq!(shared.c.acked_window.get(), 1);
+            assert!(shared.unacked.borrow().is_empty());
+        });
+    }
 }

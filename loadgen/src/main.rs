@@ -598,6 +598,13 @@ fn human_report(shared: &Shared, o: &Outcome) -> String {
     for (text, count) in shared.errors() {
         let _ = writeln!(out, "  {count} x {text}");
     }
+    let unacked = shared.unacked.borrow();
+    for ((sender, seq), at) in unacked.iter().take(10) {
+        let _ = writeln!(out, "  not acknowledged: sender {sender} seq {seq}, scheduled at {}", ms(*at));
+    }
+    if unacked.len() > 10 {
+        let _ = writeln!(out, "  ... {} not acknowledged in all", unacked.len());
+    }
     if let (Some(cpu), Some(busy), Some(other)) = (o.pinned_cpu, o.pinned_busy, other_load(o)) {
         let _ = writeln!(
             out,

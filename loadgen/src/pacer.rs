@@ -105,6 +105,9 @@ impl Pacer {
             shared.c.sent_total.inc();
             if shared.in_window(at) {
                 shared.c.sent_window.inc();
+                if shared.opts.ack {
+                    shared.unacked.borrow_mut().insert((stamp.sender, stamp.seq), at);
+                }
                 shared.c.expected_window.add(self.room_size.get(conn.room).copied().unwrap_or(0));
                 shared.send_lag.borrow_mut().record(shared.now_ns().saturating_sub(at));
             }

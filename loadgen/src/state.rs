@@ -2,6 +2,7 @@
 //! `Cell`s and `RefCell`s behind one `Rc`, no locks or atomics.
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -111,6 +112,10 @@ pub struct Shared {
     pub send_lag: RefCell<Histogram>,
     /// Time from scheduled send to `ack`, for in-window messages, ns.
     pub ack_latency: RefCell<Histogram>,
+    /// In-window messages sent with `--ack` and not acknowledged yet, by
+    /// (sender, seq), with their scheduled send time: what is left at the
+    /// end is reported.
+    pub unacked: RefCell<BTreeMap<(u64, u64), u64>>,
     /// Joined members per room.
     pub room_members: RefCell<Vec<u64>>,
     /// Connections whose receive queue is sampled (up to [`BACKLOG_PROBES`],
@@ -147,6 +152,7 @@ impl Shared {
             latency: RefCell::new(Histogram::new()),
             send_lag: RefCell::new(Histogram::new()),
             ack_latency: RefCell::new(Histogram::new()),
+            unacked: RefCell::default(),
             room_members: RefCell::new(vec![0; rooms]),
             backlog_probes: RefCell::new(Vec::new()),
             backlog: RefCell::new(Histogram::new()),
