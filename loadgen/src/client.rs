@@ -22,7 +22,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::frame::{
     self, CLASSIFY_BYTES, Kind, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, classify, content_start, encode_client_frame,
-    parse_content, parse_header,
+    parse_content, parse_header, parse_sent_ns,
 };
 use crate::state::{BACKLOG_PROBES, READ_CHUNK, Shared};
 
@@ -427,13 +427,13 @@ fn note_kind(shared: &Shared, conn: &Conn, kind: Kind, payload: &[u8]) {
 fn on_message(shared: &Shared, payload: &[u8], now: u64) {
     let c = &shared.c;
     c.received_total.inc();
-    let Some(stamp) = content_start(payload).and_then(|content| parse_content(content, shared.run_tag)) else {
+    let Some(sent_ns) = content_start(payload).and_then(|content| parse_sent_ns(content, &shared.run_prefix)) else {
         c.foreign.inc();
         return;
     };
-    if shared.in_window(stamp.sent_ns) {
+    if shared.in_window(sent_ns) {
         c.received_window_sched.inc();
-        shared.latency.borrow_mut().record(now.saturating_sub(stamp.sent_ns));
+        shared.latency.borrow_mut().record(now.saturating_sub(sent_ns));
     }
     if shared.in_window(now) {
         c.received_window_recv.inc();

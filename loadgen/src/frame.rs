@@ -2,6 +2,10 @@
 //! frames out, unmasked server frame headers in, and fast byte scans of the
 //! JSON payloads (no JSON parser: the fields we need are found by pattern).
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
 /// Opcode of a text frame.
 pub const OP_TEXT: u8 = 0x1;
 /// Opcode of a close frame.
@@ -96,7 +100,8 @@ pub fn classify(payload: &[u8]) -> Kind {
         return Kind::Message;
     }
     let head = &payload[..payload.len().min(CLASSIFY_BYTES)];
-    let Some(at) = find(head, b"\"type\":\"") else {
+    static TYPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"type\":\""));
+    let Some(at) = TYPE.find(head) else {
         return Kind::Other;
     };
     let value = &head[at + 8..];
@@ -118,59 +123,17 @@ pub fn classify(payload: &[u8]) -> Kind {
 /// stamp at its start).
 #[inline]
 pub fn content_start(payload: &[u8]) -> Option<&[u8]> {
-    const KEY: &[u8] = b"\"content\":\"";
-    let at = find(payload, KEY)?;
-    Some(&payload[at + KEY.len()..])
+    static KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"content\":\""));
+    let at = KEY.find(payload)?;
+    Some(&payload[at + KEY.needle().len()..])
 }
 
 /// The payload from the start of the `"ref":"` field's value to the end.
 #[inline]
 pub fn ref_start(payload: &[u8]) -> Option<&[u8]> {
-    const KEY: &[u8] = b"\"ref\":\"";
-    let at = find(payload, KEY)?;
-    Some(&payload[at + KEY.len()..])
-}
-
-/// `0x01` in every byte.
-const LO: u64 = u64::from_ne_bytes([0x01; 8]);
-/// `0x7f` in every byte.
-const LOW7: u64 = u64::from_ne_bytes([0x7f; 8]);
-
-/// High bit set in exactly the bytes of `x` that are zero.
-#[inline(always)]
-fn zero_bytes(x: u64) -> u64 {
-    !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7)
-}
-
-/// First index of `needle` (at least two bytes long) in `hay`. Candidates
-/// are found eight positions at a time by matching the needle's first two
-/// bytes with word-wide bit tricks (SWAR), then checked in full.
-#[inline]
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    let (&b0, &b1) = (needle.first()?, needle.get(1)?);
-    let last_start = hay.len().checked_sub(needle.len())?;
-    let (p0, p1) = (LO * u64::from(b0), LO * u64::from(b1));
-    let matches_at = |i: usize| hay[i..].starts_with(needle);
-    let mut i = 0;
-    // Word loads at i and i + 1 stay in bounds while i + 9 <= hay.len().
-    while i + 9 <= hay.len() && i <= last_start {
-        let (Some(w0), Some(w1)) = (hay[i..].first_chunk::<8>(), hay[i + 1..].first_chunk::<8>()) else {
-            break;
-        };
-        let mut hits = zero_bytes(u64::from_le_bytes(*w0) ^ p0) & zero_bytes(u64::from_le_bytes(*w1) ^ p1);
-        while hits != 0 {
-            let at = i + (hits.trailing_zeros() / 8) as usize;
-            if at > last_start {
-                return None;
-            }
-            if matches_at(at) {
-                return Some(at);
-            }
-            hits &= hits - 1;
-        }
-        i += 8;
-    }
-    (i..=last_start).find(|&at| matches_at(at))
+    static KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"ref\":\""));
+    let at = KEY.find(payload)?;
+    Some(&payload[at + KEY.needle().len()..])
 }
 
 /// What a message's content says about when and by whom it was sent.
@@ -199,9 +162,10 @@ pub fn write_content(out: &mut Vec<u8>, run: u64, stamp: Stamp, size: usize) -> 
     true
 }
 
-/// Writes just the stamp part of a content, `g<run>:s<sender>:q<seq>:t<ns>:`.
+/// Writes just the stamp part of a content, `g<run>:t<ns>:s<sender>:q<seq>:`
+/// (the send time right after the run, where [`parse_sent_ns`] finds it).
 pub fn write_stamp(out: &mut Vec<u8>, run: u64, stamp: Stamp) {
-    for (tag, value) in [(b'g', run), (b's', stamp.sender), (b'q', stamp.seq), (b't', stamp.sent_ns)] {
+    for (tag, value) in [(b'g', run), (b't', stamp.sent_ns), (b's', stamp.sender), (b'q', stamp.seq)] {
         out.push(tag);
         push_decimal(out, value);
         out.push(b':');
@@ -215,7 +179,24 @@ pub fn parse_content(content: &[u8], run: u64) -> Option<Stamp> {
     if field(&mut rest, b'g')? != run {
         return None;
     }
-    Some(Stamp { sender: field(&mut rest, b's')?, seq: field(&mut rest, b'q')?, sent_ns: field(&mut rest, b't')? })
+    let sent_ns = field(&mut rest, b't')?;
+    Some(Stamp { sender: field(&mut rest, b's')?, seq: field(&mut rest, b'q')?, sent_ns })
+}
+
+/// The `"g<run>:"` that starts every content of run `run`.
+pub fn run_prefix(run: u64) -> Vec<u8> {
+    let mut prefix = vec![b'g'];
+    push_decimal(&mut prefix, run);
+    prefix.push(b':');
+    prefix
+}
+
+/// Just the send time of a content of the run whose [`run_prefix`] is
+/// `prefix` (a delivery needs no more).
+#[inline]
+pub fn parse_sent_ns(content: &[u8], prefix: &[u8]) -> Option<u64> {
+    let mut rest = content.strip_prefix(prefix)?;
+    field(&mut rest, b't')
 }
 
 /// Parses `<tag><decimal>:` at the start of `rest` and moves past it.
@@ -225,6 +206,8 @@ fn field(rest: &mut &[u8], tag: u8) -> Option<u64> {
     if text.first() != Some(&tag) {
         return None;
     }
+    // Up to 19 digits cannot overflow a u64.
+    const MAX_DIGITS: usize = 19;
     let mut value = 0u64;
     let mut i = 1;
     loop {
@@ -233,10 +216,10 @@ fn field(rest: &mut &[u8], tag: u8) -> Option<u64> {
             break;
         }
         let digit = byte.wrapping_sub(b'0');
-        if digit > 9 {
+        if digit > 9 || i > MAX_DIGITS {
             return None;
         }
-        value = value.checked_mul(10)?.checked_add(u64::from(digit))?;
+        value = value * 10 + u64::from(digit);
         i += 1;
     }
     if i == 1 {
@@ -314,25 +297,6 @@ mod tests {
         assert_eq!(content_start(tricky), Some(&b"yes\"}"[..]));
         assert_eq!(content_start(b"{\"content\":\""), Some(&b""[..]));
         assert_eq!(content_start(b"{\"content\":"), None);
-        assert_eq!(find(b"abc", b"\"abcd"), None);
-    }
-
-    #[test]
-    fn find_agrees_with_a_naive_search() {
-        let naive = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
-        let needle = b"\"content\":\"";
-        let base = br#"{"type":"message","id":1,"from":"c\"c","content":"x"}"#;
-        for len in 0..=base.len() {
-            for start in 0..len {
-                let hay = &base[start..len];
-                assert_eq!(find(hay, needle), naive(hay, needle), "{:?}", String::from_utf8_lossy(hay));
-                assert_eq!(find(hay, b"\"c"), naive(hay, b"\"c"));
-            }
-        }
-        // Bytes with the high bit set must not fake a match.
-        let hay = [0xa2u8, 0xe3, 0x22, 0x63, 0xff, 0x80, 0x22, 0x22, 0x63, 0x00, 0x22];
-        assert_eq!(find(&hay, b"\"c"), Some(2));
-        assert_eq!(find(&hay[3..], b"\"c"), Some(4));
     }
 
     #[test]
@@ -342,13 +306,20 @@ mod tests {
         assert!(write_content(&mut out, 4242, stamp, 64));
         assert_eq!(out.len(), 6 + 64);
         let content = &out[6..];
-        assert!(content.starts_with(b"g4242:s12:q345:t6789012345:xxx"));
+        assert!(content.starts_with(b"g4242:t6789012345:s12:q345:xxx"));
         assert_eq!(parse_content(content, 4242), Some(stamp));
+        assert_eq!(parse_sent_ns(content, &run_prefix(4242)), Some(6_789_012_345));
+        assert_eq!(parse_sent_ns(content, &run_prefix(424)), None);
+        assert_eq!(parse_sent_ns(content, &run_prefix(42420)), None);
         assert_eq!(parse_content(content, 4243), None);
-        assert_eq!(parse_content(b"g1:s1:q1:t", 1), None);
+        assert_eq!(parse_content(b"g1:t1:s1:q", 1), None);
         assert_eq!(parse_content(b"hello", 1), None);
-        assert_eq!(parse_content(b"g1:s:q1:t1:", 1), None);
-        assert_eq!(parse_content(b"g1:s1:q1:t99999999999999999999:", 1), None);
+        assert_eq!(parse_content(b"g1:t1:s:q1:", 1), None);
+        assert_eq!(parse_content(b"g1:t99999999999999999999:s1:q1:", 1), None);
+        assert_eq!(
+            parse_content(b"g1:t9999999999999999999:s1:q1:", 1).map(|s| s.sent_ns),
+            Some(9_999_999_999_999_999_999)
+        );
         let mut small = Vec::new();
         assert!(!write_content(&mut small, 4242, stamp, 10));
         assert!(small.is_empty());

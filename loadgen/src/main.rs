@@ -18,7 +18,7 @@
 //! - **Open loop.** Message `k` is scheduled at `k / rate` seconds after
 //!   sending starts, from sender `k % senders`; its content carries the
 //!   sender, its sequence number and the *scheduled* time
-//!   (`g<run>:s12:q345:t123456789:xxxx…`). Latency is receive time minus
+//!   (`g<run>:t123456789:s12:q345:xxxx…`). Latency is receive time minus
 //!   scheduled time, so a stalled server (or generator) shows up as latency,
 //!   not as a lower offered rate. Due messages are sent by every read loop
 //!   (which checks the schedule after each read) and, when nothing is being

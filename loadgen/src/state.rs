@@ -99,6 +99,8 @@ pub struct Shared {
     /// Tag in every message's content, so deliveries from other runs are
     /// told apart.
     pub run_tag: u64,
+    /// `g<run_tag>:`, the start of every content of this run.
+    pub run_prefix: Vec<u8>,
     /// Measurement window `[start, end)` in ns; `u64::MAX` until sending starts.
     pub window: Cell<(u64, u64)>,
     /// Set once the results are being collected: closes after that are
@@ -146,6 +148,7 @@ impl Shared {
             opts,
             start,
             run_tag: u64::from(std::process::id()),
+            run_prefix: crate::frame::run_prefix(u64::from(std::process::id())),
             window: Cell::new((u64::MAX, u64::MAX)),
             stopping: Cell::new(false),
             c: Counters::default(),
