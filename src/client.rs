@@ -89,7 +89,7 @@ impl Serialize for Roles {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// Stable user id; `guest:<session>` for guests.
-    pub user_id: Box<str>,
+    pub user_id: Arc<str>,
     /// Current nickname.
     pub nick: Box<str>,
     /// Roles.

@@ -22,11 +22,10 @@ use std::net::IpAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, watch};
 
 use crate::client::{Client, ConnId, Identity, IdentityKind, Roles};
@@ -44,7 +43,7 @@ use crate::policy::{Policies, Reloader};
 use crate::protocol::{
     ErrorCode, Limits, PresenceEvent, Ref, RequestError, ServerFrame, encode, encode_with_list, now_ms,
 };
-use crate::store::{Commit, Committed, Store, StoreError, StoredMessage, Write};
+use crate::store::{Commit, Committed, Json, Store, StoreError, StoredMessage, Write};
 use crate::ws::{CloseCode, OpCode, encode_control, payload_of};
 use arc_swap::Guard;
 use wardroom_plugin_api::{Connection, Context, Message, Verdict};
@@ -109,32 +108,36 @@ struct AfterCommit {
 /// commits resolved since it last ran, and runs unconstrained by Tokio's
 /// cooperative budget, so that it handles all of them before it yields: with
 /// the budget, it yielded after about 64 and fell behind the same way.
+///
+/// The store resolves batches in the order they were queued, so callbacks
+/// wait in that order and only the first is watched: one waker for a whole
+/// group commit, not one per batch.
 async fn run_commit_callbacks(hub: Weak<Hub>, mut queued: mpsc::UnboundedReceiver<AfterCommit>) {
-    let mut waiting = FuturesUnordered::new();
-    let done = |(result, started, then): (Committed, Instant, Box<dyn FnOnce(Committed) + Send>)| {
-        if let Some(hub) = hub.upgrade() {
-            hub.metrics.store_commit.observe(started.elapsed());
+    let mut waiting = VecDeque::new();
+    let mut open = true;
+    std::future::poll_fn(|cx| {
+        while open {
+            match queued.poll_recv(cx) {
+                Poll::Ready(Some(next)) => waiting.push_back(next),
+                Poll::Ready(None) => open = false,
+                Poll::Pending => break,
+            }
         }
-        // A callback that panics (a bug) must not stop every later ack, as
-        // it would if it unwound through this one task.
-        if std::panic::catch_unwind(AssertUnwindSafe(|| then(result))).is_err() {
-            tracing::error!("a commit callback panicked");
+        while let Some(first) = waiting.front_mut() {
+            let Poll::Ready(result) = first.commit.poll_wait(cx) else { break };
+            let Some(AfterCommit { started, then, .. }) = waiting.pop_front() else { break };
+            if let Some(hub) = hub.upgrade() {
+                hub.metrics.store_commit.observe(started.elapsed());
+            }
+            // A callback that panics (a bug) must not stop every later ack,
+            // as it would if it unwound through this one task.
+            if std::panic::catch_unwind(AssertUnwindSafe(|| then(result))).is_err() {
+                tracing::error!("a commit callback panicked");
+            }
         }
-    };
-    loop {
-        tokio::select! {
-            Some(resolved) = waiting.next(), if !waiting.is_empty() => done(resolved),
-            next = queued.recv() => match next {
-                Some(AfterCommit { commit, started, then }) => {
-                    waiting.push(async move { (commit.wait().await, started, then) });
-                }
-                None => break,
-            },
-        }
-    }
-    while let Some(resolved) = waiting.next().await {
-        done(resolved);
-    }
+        if open || !waiting.is_empty() { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
 }
 
 /// Messages the broker delivered for rooms that are not open on this node.
@@ -1117,18 +1120,13 @@ impl Hub {
     /// fan-out to every member, and the store write (queued while the room
     /// is locked, so ids reach the store in order). Returns the id, the time
     /// and the commit to wait for before acknowledging.
-    fn publish(&self, room: &Room, user_id: &str, nick: &str, content: &str, ts: u64) -> (u64, u64, Commit) {
+    fn publish(&self, room: &Room, user_id: &Arc<str>, nick: &str, content: &str, ts: u64) -> (u64, u64, Commit) {
         let history_kept = self.policies().config.rooms.history_kept;
         let mut state = lock(&room.state);
         let id = state.last_id + 1;
         let frame = encode(&ServerFrame::Message { room: &room.name, id, from: nick, user: user_id, content, ts });
-        let stored = StoredMessage {
-            room: room.name.to_string(),
-            id,
-            user_id: user_id.to_owned(),
-            json: String::from_utf8_lossy(payload_of(&frame)).into_owned(),
-            ts,
-        };
+        let stored =
+            StoredMessage { room: room.name.clone(), id, user_id: user_id.clone(), json: Json::of_frame(&frame), ts };
         let commit = self.store.write(vec![Write::Message(stored)]);
         state.last_id = id;
         state.history.push_back((id, frame.clone()));
@@ -1185,7 +1183,8 @@ impl Hub {
         if let Some(on_id) = post.on_id.take() {
             on_id(self, id);
         }
-        let stored = StoredMessage { room: post.room.to_string(), id, user_id: post.user_id, json, ts: post.ts };
+        let stored =
+            StoredMessage { room: post.room.clone(), id, user_id: post.user_id.into(), json: json.into(), ts: post.ts };
         let hub = self.self_ref();
         let room = post.room;
         self.commit_then(vec![Write::Message(stored)], move |result| {
@@ -1403,7 +1402,7 @@ impl Hub {
                 }
             },
         };
-        let (id, _, commit) = self.publish(&room, &item.user_id, &item.nick, &item.content, item.ts);
+        let (id, _, commit) = self.publish(&room, &item.user_id.as_str().into(), &item.nick, &item.content, item.ts);
         drop(rooms);
         self.after_commit(commit, move |result| {
             if let Err(e) = result {

@@ -685,8 +685,9 @@ impl Hub {
     }
 
     fn delete_message(&self, room: &str, id: u64, actor: &Actor, reason: &str) -> Result<Vec<Write>, RequestError> {
-        let author =
-            self.history_author(room, id).or_else(|| self.store().message(room, id).ok().flatten().map(|m| m.user_id));
+        let author = self
+            .history_author(room, id)
+            .or_else(|| self.store().message(room, id).ok().flatten().map(|m| m.user_id.to_string()));
         let Some(author) = author else {
             return Err(not_found(format!("no message {id} in room {room:?}")));
         };
@@ -712,14 +713,14 @@ impl Hub {
             .message(room, id)
             .map_err(|e| RequestError::new(ErrorCode::Unavailable, e.to_string()))?
             .ok_or_else(|| not_found(format!("no message {id} in room {room:?}")))?;
-        let value: serde_json::Value = serde_json::from_str(&message.json).unwrap_or_default();
+        let value: serde_json::Value = serde_json::from_slice(message.json.as_bytes()).unwrap_or_default();
         let now = now_ms();
         let item = ReviewItem {
             id: 0,
             kind: ReviewKind::Report,
             room: room.to_owned(),
             message_id: Some(id),
-            user_id: message.user_id.clone(),
+            user_id: message.user_id.to_string(),
             nick: value["from"].as_str().unwrap_or_default().to_owned(),
             content: value["content"].as_str().unwrap_or_default().to_owned(),
             reason: reason.to_owned(),
@@ -737,7 +738,7 @@ impl Hub {
             audit(
                 &actor,
                 "report",
-                Some(message.user_id),
+                Some(message.user_id.to_string()),
                 Some(room),
                 reason,
                 Some(format!("{{\"message_id\":{id}}}")),

@@ -109,14 +109,15 @@ fn now_ms() -> u64 {
 
 fn message(room: &str, id: u64) -> StoredMessage {
     StoredMessage {
-        room: room.to_owned(),
+        room: room.into(),
         id,
-        user_id: format!("user-{}", id % 97),
+        user_id: format!("user-{}", id % 97).into(),
         json: format!(
             r#"{{"type":"message","room":"{room}","id":{id},"from":{{"id":"user-{}","nick":"someone"}},"text":"a typical chat line of moderate length, number {id}","ts":{}}}"#,
             id % 97,
             now_ms()
-        ),
+        )
+        .into(),
         ts: now_ms(),
     }
 }

@@ -17,8 +17,12 @@ mod queue;
 pub mod sqlite;
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -62,15 +66,50 @@ pub enum StoreError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     /// Room name.
-    pub room: String,
+    pub room: Arc<str>,
     /// Per-room id.
     pub id: u64,
     /// Sender's user id.
-    pub user_id: String,
+    pub user_id: Arc<str>,
     /// The `message` frame's JSON, exactly as delivered.
-    pub json: String,
+    pub json: Json,
     /// Acceptance time, ms since the Unix epoch.
     pub ts: u64,
+}
+
+/// JSON text (a delivered frame's payload), shared with the frame rather
+/// than copied.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Json(Bytes);
+
+impl Json {
+    /// The payload of `frame`, an encoded text frame, shared with it.
+    pub fn of_frame(frame: &Bytes) -> Self {
+        Json(frame.slice(frame.len() - crate::ws::payload_of(frame).len()..))
+    }
+
+    /// The text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The text as a `str` (checked: it was built from a `str` or from a
+    /// frame the server encoded from `str`s).
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl From<String> for Json {
+    fn from(text: String) -> Self {
+        Json(Bytes::from(text))
+    }
+}
+
+impl fmt::Debug for Json {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&String::from_utf8_lossy(&self.0), f)
+    }
 }
 
 /// A ban: by user id, by address range, or both (a guest banned by id is
@@ -345,14 +384,24 @@ impl Commit {
     }
 
     /// Waits for the commit.
-    pub async fn wait(self) -> Committed {
-        self.0.await.unwrap_or_else(|_| Err(StoreError::Unavailable("the writer stopped".into())))
+    pub async fn wait(mut self) -> Committed {
+        std::future::poll_fn(|cx| self.poll_wait(cx)).await
+    }
+
+    /// Polls for the commit (for a task that watches many).
+    pub fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Committed> {
+        Pin::new(&mut self.0).poll(cx).map(|result| result.unwrap_or_else(|_| Err(writer_stopped())))
     }
 
     /// Waits for the commit from a thread outside the async runtime.
     pub fn wait_blocking(self) -> Committed {
-        self.0.blocking_recv().unwrap_or_else(|_| Err(StoreError::Unavailable("the writer stopped".into())))
+        self.0.blocking_recv().unwrap_or_else(|_| Err(writer_stopped()))
     }
+}
+
+/// The error of a commit whose writer stopped before resolving it.
+fn writer_stopped() -> StoreError {
+    StoreError::Unavailable("the writer stopped".into())
 }
 
 /// Everything loaded at start-up to rebuild the in-memory state.

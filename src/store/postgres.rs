@@ -1305,7 +1305,7 @@ fn apply_group(conn: &mut Conn, group: &[Pending], isolated: bool) -> Result<Vec
             if let Write::Message(m) = write {
                 // In range: the insert succeeded.
                 let id = i64::try_from(m.id).unwrap_or(i64::MAX);
-                let entry = rooms.entry(m.room.as_str()).or_insert((id, 0));
+                let entry = rooms.entry(&*m.room).or_insert((id, 0));
                 entry.0 = entry.0.max(id);
                 entry.1 += 1;
             }
@@ -1364,9 +1364,9 @@ fn insert_messages(
     statements: &mut HashMap<String, Statement>,
     messages: &[&StoredMessage],
 ) -> Result<(), PgError> {
-    let rooms: Vec<&str> = messages.iter().map(|m| m.room.as_str()).collect();
+    let rooms: Vec<&str> = messages.iter().map(|m| &*m.room).collect();
     let ids = messages.iter().map(|m| id_param(m.id)).collect::<Result<Vec<i64>, _>>()?;
-    let users: Vec<&str> = messages.iter().map(|m| m.user_id.as_str()).collect();
+    let users: Vec<&str> = messages.iter().map(|m| &*m.user_id).collect();
     let jsons: Vec<&str> = messages.iter().map(|m| m.json.as_str()).collect();
     let times: Vec<i64> = messages.iter().map(|m| stored_time(m.ts)).collect();
     let statement = prepared(
@@ -1709,10 +1709,10 @@ fn read_review(row: &Row) -> Result<ReviewItem, PgError> {
 
 fn read_message(row: &Row) -> Result<StoredMessage, PgError> {
     Ok(StoredMessage {
-        room: row.try_get(0)?,
+        room: row.try_get::<_, String>(0)?.into(),
         id: get_u64(row, 1)?,
-        user_id: row.try_get(2)?,
-        json: row.try_get(3)?,
+        user_id: row.try_get::<_, String>(2)?.into(),
+        json: row.try_get::<_, String>(3)?.into(),
         ts: get_u64(row, 4)?,
     })
 }

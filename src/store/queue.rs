@@ -3,9 +3,9 @@
 //! their commits, the message ids still on their way, and the counters.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
@@ -93,7 +93,7 @@ pub(super) struct Queue {
     /// Highest message id per room among writes queued but not yet
     /// resolved, so that `last_message_id` counts them (a room recreated
     /// right after its last member left must not reuse an id).
-    queued_ids: Mutex<HashMap<String, u64>>,
+    queued_ids: Mutex<HashMap<Arc<str>, u64>>,
 }
 
 impl Queue {
@@ -107,8 +107,12 @@ impl Queue {
             let mut queued = lock(&self.queued_ids);
             for write in &writes {
                 if let Write::Message(m) = write {
-                    let id = queued.entry(m.room.clone()).or_insert(0);
-                    *id = (*id).max(m.id);
+                    match queued.get_mut(&*m.room) {
+                        Some(id) => *id = (*id).max(m.id),
+                        None => {
+                            queued.insert(m.room.clone(), m.id);
+                        }
+                    }
                 }
             }
         }

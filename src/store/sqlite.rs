@@ -91,13 +91,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use rusqlite::types::{Type, Value};
+use rusqlite::ToSql;
+use rusqlite::types::{ToSqlOutput, Type, Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use tokio::sync::oneshot;
 
 use super::queue::{Job, Pending, Queue, gather, unavailable};
 use super::{
-    AuditEntry, AuditQuery, Ban, Commit, Committed, Mute, ReviewItem, ReviewKind, ReviewStatus, RoomSettings,
+    AuditEntry, AuditQuery, Ban, Commit, Committed, Json, Mute, ReviewItem, ReviewKind, ReviewStatus, RoomSettings,
     SCHEMA_VERSION, Snapshot, Store, StoreError, StoreStats, StoredMessage, Strikes, Write, Written, stored_time,
 };
 use crate::config::{StoreConfig, Synchronous};
@@ -991,7 +992,7 @@ impl Writer {
                     if let Write::Message(m) = write {
                         // In range: apply_batch inserted it.
                         let id = i64::try_from(m.id).unwrap_or(i64::MAX);
-                        let entry = rooms.entry(m.room.as_str()).or_insert((id, 0));
+                        let entry = rooms.entry(&*m.room).or_insert((id, 0));
                         entry.0 = entry.0.max(id);
                         entry.1 += 1;
                     }
@@ -1333,12 +1334,18 @@ fn read_review(row: &Row<'_>) -> rusqlite::Result<ReviewItem> {
 
 fn read_message(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
     Ok(StoredMessage {
-        room: row.get(0)?,
+        room: row.get::<_, String>(0)?.into(),
         id: to_u64(row, 1)?,
-        user_id: row.get(2)?,
-        json: row.get(3)?,
+        user_id: row.get::<_, String>(2)?.into(),
+        json: row.get::<_, String>(3)?.into(),
         ts: to_u64(row, 4)?,
     })
+}
+
+impl ToSql for Json {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(ValueRef::Text(self.as_bytes())))
+    }
 }
 
 /// A message id as stored; one past `i64::MAX` is an error for its batch.
@@ -1413,8 +1420,8 @@ mod tests {
         StoredMessage {
             room: room.into(),
             id,
-            user_id: format!("u{}", id % 7),
-            json: format!(r#"{{"type":"message","room":"{room}","id":{id},"text":"hello {id}"}}"#),
+            user_id: format!("u{}", id % 7).into(),
+            json: format!(r#"{{"type":"message","room":"{room}","id":{id},"text":"hello {id}"}}"#).into(),
             ts,
         }
     }

@@ -78,8 +78,8 @@ pub fn msg(room: &str, id: u64, ts: u64) -> StoredMessage {
     StoredMessage {
         room: room.into(),
         id,
-        user_id: format!("u{}", id % 7),
-        json: format!(r#"{{"type":"message","room":"{room}","id":{id},"text":"hello {id}"}}"#),
+        user_id: format!("u{}", id % 7).into(),
+        json: format!(r#"{{"type":"message","room":"{room}","id":{id},"text":"hello {id}"}}"#).into(),
         ts,
     }
 }
