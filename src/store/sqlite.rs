@@ -315,6 +315,7 @@ impl SqliteStore {
                 .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", parent.display())))?;
         }
         let conn = open_writer(&path, config.synchronous)?;
+        keep_ts_index(&conn, config.retain_for.is_some())?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             readers.push(Mutex::new(open_reader(&path)?));
@@ -613,6 +614,27 @@ fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, Stor
 
     migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Keeps the `ts` index of messages only while age retention (`retain_for`)
+/// is configured: it serves nothing else, and every insert and every
+/// pruned message would otherwise update it (about a third of the B-tree
+/// work per message). Created when age retention is turned on (which takes
+/// a while on a large database, once) and dropped when it is turned off.
+fn keep_ts_index(conn: &Connection, wanted: bool) -> Result<(), StoreError> {
+    let exists: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'messages_by_ts'",
+        [],
+        |row| row.get(0),
+    )?;
+    if wanted && !exists {
+        tracing::info!("indexing messages by time for age retention");
+        conn.execute_batch("CREATE INDEX messages_by_ts ON messages (ts)")?;
+    } else if !wanted && exists {
+        tracing::info!("dropping the time index of messages (no age retention)");
+        conn.execute_batch("DROP INDEX messages_by_ts")?;
+    }
+    Ok(())
 }
 
 /// Opens the checkpointer's connection.
@@ -1454,6 +1476,29 @@ mod tests {
         let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).expect("pragma");
         assert_eq!(mode, "wal");
         assert_eq!(schema_version(&conn).expect("version"), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn the_time_index_exists_only_with_age_retention() {
+        let dir = TempDir::new("ts-index");
+        let has_index = |store: &SqliteStore| -> bool {
+            store
+                .reader()
+                .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'messages_by_ts'", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .expect("query")
+                == 1
+        };
+        let store = SqliteStore::open(&config(dir.db())).expect("open");
+        assert!(!has_index(&store), "no age retention, no index");
+        drop(store);
+        let aged = StoreConfig { retain_for: Some(Duration::from_secs(3600)), ..config(dir.db()) };
+        let store = SqliteStore::open(&aged).expect("reopen with age retention");
+        assert!(has_index(&store));
+        drop(store);
+        let store = SqliteStore::open(&config(dir.db())).expect("reopen without");
+        assert!(!has_index(&store));
     }
 
     #[test]
