@@ -260,8 +260,7 @@ impl Connection {
                     return self.owe_write(cx, may_write);
                 }
                 if self.budget == 0 {
-                    self.write_owed = true;
-                    return yield_now(cx);
+                    return self.owe_write(cx, false);
                 }
                 self.paused = false;
                 let (session, pause_at, budget) = (&self.session, self.pause_at as usize, &mut self.budget);
