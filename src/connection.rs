@@ -5,7 +5,10 @@
 //!   writes it with one `write` (each message stays its own frame). A poll
 //!   writes only before it reads, and one that finds the socket readable
 //!   reads first: under load, every connection of a scheduler round reads
-//!   before any writes, so each writes once per round;
+//!   before any writes, so each writes once per round. A connection that
+//!   wrote less than [`WRITE_PACE`] ago, with little queued, waits for the
+//!   hub's write pacer to wake it, so a busy connection writes at most about
+//!   once per pace;
 //! - the reader waits for readability, reads into a per-thread scratch buffer
 //!   (an idle connection owns no read buffer), parses frames and acts on them.
 //!   It never waits for the writer, except by design: while the client's own
@@ -27,6 +30,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use hyper::upgrade::OnUpgrade;
@@ -57,6 +61,13 @@ const GATHER_BYTES: usize = 64 * 1024;
 /// yields to the other tasks on its worker thread. Tokio's coop budget counts
 /// readiness checks, not work, and one read can carry hundreds of requests.
 const REQUESTS_PER_POLL: u32 = 16;
+
+/// A busy connection writes at most once per this long, unless much is
+/// queued: under load, each write then carries more frames.
+pub(crate) const WRITE_PACE: Duration = Duration::from_millis(2);
+
+/// Frames queued at which a connection writes without waiting for the pace.
+const PACE_FRAMES: usize = 256;
 
 thread_local! {
     /// Every connection on a thread reads into this buffer in turn; it is
@@ -106,6 +117,8 @@ pub async fn upgrade(
         batch: VecDeque::new(),
         read_end: None,
         write_owed: false,
+        pacing: false,
+        last_write: Instant::now().checked_sub(WRITE_PACE).unwrap_or_else(Instant::now),
         paused: false,
         budget: REQUESTS_PER_POLL,
         close_taken: false,
@@ -174,6 +187,10 @@ pub struct Connection {
     read_end: Option<ReadEnd>,
     /// The last poll read and yielded: this one writes before reading.
     write_owed: bool,
+    /// This poll's write waits for the write pacer (see [`WRITE_PACE`]).
+    pacing: bool,
+    /// When the last write happened.
+    last_write: Instant,
     /// The reader paused (outbox backlog or spent budget) with input left
     /// to handle.
     paused: bool,
@@ -228,6 +245,12 @@ impl Connection {
         self.budget = REQUESTS_PER_POLL;
         let owed = std::mem::take(&mut self.write_owed);
         let mut may_write = owed || !self.stream.poll_read_ready(cx).is_ready();
+        self.pacing = may_write && self.write_must_wait();
+        if self.pacing {
+            self.session.hub.pace_write(cx.waker());
+            self.write_owed = true;
+            may_write = false;
+        }
         loop {
             if may_write && let Err(e) = ready!(self.poll_write(cx)) {
                 tracing::debug!(conn = self.session.client.id, error = %e, "write failed");
@@ -281,11 +304,23 @@ impl Connection {
     /// registers for the outbox) at its next poll, after the tasks already
     /// queued on this thread.
     fn owe_write(&mut self, cx: &mut Context<'_>, wrote: bool) -> Poll<ReadEnd> {
-        if wrote {
+        if wrote || self.pacing {
+            self.write_owed |= self.pacing;
             return Poll::Pending;
         }
         self.write_owed = true;
         yield_now(cx)
+    }
+
+    /// Whether a write due now waits for the pacer: the connection wrote
+    /// less than [`WRITE_PACE`] ago, little is queued, and it is not closing.
+    fn write_must_wait(&self) -> bool {
+        let outbox = &self.session.client.outbox;
+        self.batch.is_empty()
+            && self.read_end.is_none()
+            && self.last_write.elapsed() < WRITE_PACE
+            && outbox.len() < PACE_FRAMES
+            && outbox.closing_since().is_none()
     }
 
     /// Shuts our side and discards input until the client closes its side.
@@ -316,8 +351,11 @@ impl Connection {
                 ready!(self.stream.poll_write_ready(cx))?;
                 match write_batch(&self.stream, &self.batch) {
                     Ok(written) => {
+                        self.last_write = Instant::now();
                         let frames = advance(&mut self.batch, written);
-                        self.session.hub.metrics.frames_out.add(frames);
+                        let metrics = &self.session.hub.metrics;
+                        metrics.frames_out.add(frames);
+                        metrics.socket_writes.inc();
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Err(e)),

@@ -88,6 +88,31 @@ pub struct Hub {
     heard: Mutex<Heard>,
     /// Callbacks waiting for their commits (see [`Hub::after_commit`]).
     after_commit: mpsc::UnboundedSender<AfterCommit>,
+    /// Connections whose write waits for the next pacer tick.
+    paced: Arc<Paced>,
+}
+
+/// Connections waiting to write (see [`Hub::pace_write`]).
+#[derive(Debug, Default)]
+struct Paced {
+    wakers: Mutex<Vec<std::task::Waker>>,
+    tick: tokio::sync::Notify,
+}
+
+/// Wakes the connections that wait to write, one pace after the first of
+/// them asked, until the hub is gone.
+async fn run_write_pacer(paced: Weak<Paced>, pace: Duration) {
+    loop {
+        let Some(notified) = paced.upgrade() else { return };
+        notified.tick.notified().await;
+        drop(notified);
+        tokio::time::sleep(pace).await;
+        let Some(paced) = paced.upgrade() else { return };
+        let wakers = std::mem::take(&mut *lock(&paced.wakers));
+        for waker in wakers {
+            waker.wake();
+        }
+    }
 }
 
 /// A callback waiting for a commit (see [`Hub::after_commit`]).
@@ -226,8 +251,10 @@ impl Hub {
             closing: AtomicBool::new(false),
             metrics: Metrics::default(),
             after_commit,
+            paced: Arc::default(),
         });
         tokio::spawn(tokio::task::unconstrained(run_commit_callbacks(Arc::downgrade(&hub), queued)));
+        tokio::spawn(run_write_pacer(Arc::downgrade(&hub.paced), crate::connection::WRITE_PACE));
         Ok(hub)
     }
 
@@ -272,6 +299,18 @@ impl Hub {
         if self.after_commit.send(waiting).is_err() {
             // The callback task ended with its runtime: nothing can run it.
             tracing::warn!("commit callback dropped: the runtime is shutting down");
+        }
+    }
+
+    /// Wakes `waker` at the write pacer's next tick.
+    pub(crate) fn pace_write(&self, waker: &std::task::Waker) {
+        let first = {
+            let mut wakers = lock(&self.paced.wakers);
+            wakers.push(waker.clone());
+            wakers.len() == 1
+        };
+        if first {
+            self.paced.tick.notify_one();
         }
     }
 

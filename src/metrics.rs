@@ -100,6 +100,8 @@ pub struct Metrics {
     pub deliveries: Counter,
     /// Frames written to clients.
     pub frames_out: Counter,
+    /// Writes to client sockets (each carries every frame queued then).
+    pub socket_writes: Counter,
     /// Time from queuing a write to its durable commit.
     pub store_commit: Histogram,
     /// Requests answered with an `error` frame.
@@ -224,6 +226,12 @@ impl Metrics {
             "counter",
             "Frames written to clients (slow consumers: wardroom_connections_closed_total{reason=\"slow_consumer\"}).",
             &plain(self.frames_out.get()),
+        );
+        metric(
+            "wardroom_socket_writes_total",
+            "counter",
+            "Writes to client sockets; frames out per write is how well writes are coalesced.",
+            &plain(self.socket_writes.get()),
         );
         let verdicts: Vec<_> = now
             .verdicts

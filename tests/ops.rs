@@ -70,6 +70,52 @@ async fn metrics_count_connections_messages_deliveries_and_closes() {
     assert_eq!(sample(&now, "wardroom_tcp_connections"), 1 + 1, "alice's socket and this scrape's");
 }
 
+/// A client sent a steady stream is written to at most once per write pace
+/// (2 ms, plus the first write), however often messages arrive: each write
+/// carries what queued meanwhile. Without the pace, both members got one
+/// write per message here (600 writes in ~300 ms, against a bound of ~300).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_stream_is_written_in_paced_batches() {
+    const MESSAGES: usize = 300;
+    let server = TestServer::start().await;
+    let mut alice = server.client("Alice").await;
+    let mut bob = server.client("Bob").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
+    // Alice hears of Bob's join before counting starts.
+    let presence = alice.recv().await;
+    assert_eq!(presence["type"], "presence", "{presence}");
+
+    let started = Instant::now();
+    let before = sample(&metrics(&server).await, "wardroom_socket_writes_total");
+    let sender = tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            alice.send(serde_json::json!({"type": "message", "room": "lobby", "content": format!("m{i}")})).await;
+            // 250 µs apart: long enough for each to be written alone, were
+            // writes not paced (Tokio's timer cannot sleep under 1 ms).
+            let next = Instant::now() + Duration::from_micros(250);
+            while Instant::now() < next {
+                tokio::task::yield_now().await;
+            }
+        }
+        alice
+    });
+    let mut received = 0;
+    while received < MESSAGES {
+        if bob.recv().await["type"] == "message" {
+            received += 1;
+        }
+    }
+    let _alice = sender.await.expect("sender");
+    let writes = sample(&metrics(&server).await, "wardroom_socket_writes_total") - before;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    // Two members (Alice gets her own messages too), each written at most
+    // once per 2 ms, plus one unpaced write each.
+    let bound = 2 * (elapsed_ms / 2 + 1);
+    assert!(writes <= bound, "{writes} writes for {MESSAGES} messages in {elapsed_ms} ms (bound {bound})");
+    assert!(writes >= 2, "both members were written to");
+}
+
 /// Sends `bytes` one at a time, `gap` apart; returns how long the server
 /// kept the connection open.
 async fn trickle(server: &TestServer, bytes: &[u8], gap: Duration) -> Duration {
