@@ -72,9 +72,28 @@ async fn verify(server: &ServerProcess, acked: &Acknowledged) {
     for user in &acked.muted {
         assert!(muted.contains(user.as_str()), "mute of {user} lost: {mutes}");
     }
-    let (_, audit) = admin(server, "GET", "/admin/audit?actor=admin-api&limit=1000", &Value::Null).await;
-    let entries = audit.as_array().unwrap().len();
-    assert!(entries >= acked.banned.len() + acked.muted.len(), "audit entries lost: {entries}");
+    // Every acknowledged ban and mute has its audit entry. The log is read
+    // page by page (1,000 entries at most per page): ten rounds can
+    // acknowledge more than one page of them.
+    let mut audited: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut before = String::new();
+    loop {
+        let path = format!("/admin/audit?actor=admin-api&limit=1000{before}");
+        let (status, page) = admin(server, "GET", &path, &Value::Null).await;
+        assert_eq!(status, 200, "{page}");
+        let page = page.as_array().cloned().unwrap_or_default();
+        let Some(last) = page.last() else { break };
+        before = format!("&before={}", last["id"]);
+        audited
+            .extend(page.iter().filter_map(|entry| {
+                Some((entry["action"].as_str()?.to_owned(), entry["target"].as_str()?.to_owned()))
+            }));
+    }
+    for (action, users) in [("ban", &acked.banned), ("mute", &acked.muted)] {
+        for user in users {
+            assert!(audited.contains(&(action.to_owned(), user.clone())), "audit entry of the {action} of {user} lost");
+        }
+    }
 }
 
 fn integrity_check(db: &std::path::Path) {
