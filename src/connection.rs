@@ -315,12 +315,10 @@ impl Connection {
     /// Whether a write due now waits for the pacer: the connection wrote
     /// less than [`WRITE_PACE`] ago, little is queued, and it is not closing.
     fn write_must_wait(&self) -> bool {
-        let outbox = &self.session.client.outbox;
         self.batch.is_empty()
             && self.read_end.is_none()
             && self.last_write.elapsed() < WRITE_PACE
-            && outbox.len() < PACE_FRAMES
-            && outbox.closing_since().is_none()
+            && self.session.client.outbox.len_unless_closing().is_some_and(|queued| queued < PACE_FRAMES)
     }
 
     /// Shuts our side and discards input until the client closes its side.

@@ -100,7 +100,8 @@ struct Paced {
 }
 
 /// Wakes the connections that wait to write, one pace after the first of
-/// them asked, until the hub is gone.
+/// them asked; ends at its first wake-up after the hub is gone (or with the
+/// runtime).
 async fn run_write_pacer(paced: Weak<Paced>, pace: Duration) {
     loop {
         let Some(notified) = paced.upgrade() else { return };

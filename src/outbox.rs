@@ -208,6 +208,13 @@ impl Outbox {
         lock(&self.state).queue.len()
     }
 
+    /// Frames waiting, or `None` once the close has started (one lock, for
+    /// the writer's pacing check).
+    pub fn len_unless_closing(&self) -> Option<usize> {
+        let state = lock(&self.state);
+        state.closing_since.is_none().then_some(state.queue.len())
+    }
+
     /// Whether no frame is waiting.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
