@@ -107,12 +107,8 @@ impl Queue {
             let mut queued = lock(&self.queued_ids);
             for write in &writes {
                 if let Write::Message(m) = write {
-                    match queued.get_mut(&*m.room) {
-                        Some(id) => *id = (*id).max(m.id),
-                        None => {
-                            queued.insert(m.room.clone(), m.id);
-                        }
-                    }
+                    let id = queued.entry(m.room.clone()).or_insert(0);
+                    *id = (*id).max(m.id);
                 }
             }
         }
