@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Reproduces the comparison table of docs/benchmarks.md: Wardroom and a peer
-# server on npm's `ws`, run one after the other on this machine with the same
-# load generator, payload and CPU pinning (server on CPU 0, generator on
-# CPU 1). Loopback only; every run stops by itself.
+# Reproduces the comparison table of docs/benchmarks.md: Wardroom, a peer
+# server on npm's `ws`, and the floor peer (one `write` per delivery and
+# nothing else, benches/peers/floor), run one after the other on this machine
+# with the same load generator, payload and CPU pinning (server on CPU 0,
+# generator on CPU 1). Loopback only; every run stops by itself.
 #
-#   benches/run.sh            # everything (~5 minutes)
+#   benches/run.sh            # everything (~8 minutes)
 #   SERVERS=wardroom benches/run.sh
 #   BUSY_POLL=0 benches/run.sh   # generator sleeps in epoll (see docs/benchmarks.md)
 #
@@ -13,14 +14,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=target/bench
-SERVERS=${SERVERS:-"wardroom node-ws"}
+SERVERS=${SERVERS:-"wardroom node-ws floor"}
 RATES=${RATES:-"125 250 500 1000"}
 BUSY_POLL=${BUSY_POLL:-1}
 POLL=()
 if [ "$BUSY_POLL" = 1 ]; then POLL=(--busy-poll); fi
 mkdir -p "$OUT"
 
-cargo build --release -q -p wardroom -p wardroom-loadgen
+cargo build --release -q -p wardroom -p wardroom-loadgen -p wardroom-benches --bin wardroom --bin wardroom-loadgen --bin floor-peer
 if [[ " $SERVERS " == *" node-ws "* ]]; then
   (cd benches/peers/node-ws && npm ci --silent --no-audit --no-fund)
 fi
@@ -35,6 +36,9 @@ start() {
     node-ws)
       PORT=8090 taskset -c 0 node benches/peers/node-ws/server.js >"$OUT/$1.log" 2>&1 &
       PID=$! URL=ws://127.0.0.1:8090/ws ;;
+    floor)
+      taskset -c 0 target/release/floor-peer 127.0.0.1:8091 >"$OUT/$1.log" 2>&1 &
+      PID=$! URL=ws://127.0.0.1:8091/ws ;;
   esac
   for _ in $(seq 50); do
     if curl -s -o /dev/null "http://${URL#ws://}" 2>/dev/null || [ "$?" = 52 ]; then break; fi
