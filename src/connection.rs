@@ -244,7 +244,10 @@ impl Connection {
     fn poll_chat(&mut self, cx: &mut Context<'_>) -> Poll<ReadEnd> {
         self.budget = REQUESTS_PER_POLL;
         let owed = std::mem::take(&mut self.write_owed);
-        let mut may_write = owed || !self.stream.poll_read_ready(cx).is_ready();
+        // Found with nothing to read: its read waker is registered, and
+        // nothing in this poll reads it, so a read would only check again.
+        let unreadable = !owed && !self.stream.poll_read_ready(cx).is_ready();
+        let mut may_write = owed || unreadable;
         self.pacing = may_write && self.write_must_wait();
         if self.pacing {
             self.session.hub.pace_write(cx.waker());
@@ -275,9 +278,8 @@ impl Connection {
                 // guest's nickname); pushing it wakes us through the outbox.
                 return self.owe_write(cx, may_write);
             }
-            let below_backlog = self.session.client.outbox.len() < self.pause_at as usize;
             if self.paused {
-                if !below_backlog {
+                if self.session.client.outbox.len() >= self.pause_at as usize {
                     // The writer must drain the outbox first; if it is
                     // blocked on the socket, it will wake us.
                     return self.owe_write(cx, may_write);
@@ -291,6 +293,9 @@ impl Connection {
                 self.after_feed(result);
                 may_write = false;
                 continue;
+            }
+            if unreadable {
+                return self.owe_write(cx, may_write);
             }
             match self.poll_read(cx) {
                 Poll::Ready(true) => may_write = false,
