@@ -16,7 +16,8 @@
 //! that Wardroom misses.
 //!
 //! Run: `taskset -c 0 target/release/floor-peer 127.0.0.1:8091` (serves
-//! `ws://127.0.0.1:8091/ws`; any path is accepted).
+//! `ws://127.0.0.1:8091/ws`; any path is accepted; port 0 picks one, and the
+//! first line printed names it).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -72,6 +73,46 @@ struct Conn {
 }
 
 impl Conn {
+    /// Writes `bytes` now, or queues them behind what is queued (watching
+    /// for writability). False when the connection is broken.
+    fn deliver(&mut self, epoll: i32, token: u64, bytes: &[u8]) -> bool {
+        if !self.out.is_empty() {
+            self.out.extend_from_slice(bytes);
+            return true;
+        }
+        let written = match self.stream.write(bytes) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(_) => return false,
+        };
+        if written < bytes.len() {
+            self.out.extend_from_slice(&bytes[written..]);
+            return self.watch_out(epoll, token, true);
+        }
+        true
+    }
+
+    /// Writes what is queued. False when the connection is broken.
+    fn flush(&mut self, epoll: i32, token: u64) -> bool {
+        match self.stream.write(&self.out) {
+            Ok(n) => {
+                self.out.drain(..n);
+                !self.out.is_empty() || self.watch_out(epoll, token, false)
+            }
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        }
+    }
+
+    /// Watches for writability (or stops). False if epoll refused.
+    fn watch_out(&mut self, epoll: i32, token: u64, on: bool) -> bool {
+        if self.watching_out == on {
+            return true;
+        }
+        self.watching_out = on;
+        let events = libc::EPOLLIN as u32 | if on { libc::EPOLLOUT as u32 } else { 0 };
+        ctl(epoll, libc::EPOLL_CTL_MOD, self.stream.as_raw_fd(), token, events).is_ok()
+    }
+
     /// Reads once and handles what arrived: the upgrade, then WebSocket
     /// frames. False when the connection is to close.
     fn take_input(&mut self, scratch: &mut [u8], texts: &mut Vec<String>, replies: &mut Vec<Vec<u8>>) -> bool {
@@ -119,8 +160,8 @@ fn main() -> io::Result<()> {
     // SAFETY: epoll_create1 has no memory-safety preconditions.
     let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
     let mut floor = Floor { epoll, listener, conns: HashMap::new(), rooms: HashMap::new(), next_token: 0 };
-    floor.ctl(libc::EPOLL_CTL_ADD, floor.listener.as_raw_fd(), LISTENER, libc::EPOLLIN as u32)?;
-    println!("floor peer listening on ws://{addr}/ws");
+    ctl(epoll, libc::EPOLL_CTL_ADD, floor.listener.as_raw_fd(), LISTENER, libc::EPOLLIN as u32)?;
+    println!("floor peer listening on ws://{}/ws", floor.listener.local_addr()?);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let mut scratch = vec![0u8; 64 * 1024];
     loop {
@@ -149,6 +190,13 @@ fn main() -> io::Result<()> {
     }
 }
 
+/// `epoll_ctl` for one socket.
+fn ctl(epoll: i32, op: i32, fd: i32, token: u64, events: u32) -> io::Result<()> {
+    let mut event = libc::epoll_event { events, u64: token };
+    // SAFETY: `event` outlives the call; the kernel copies it.
+    cvt(unsafe { libc::epoll_ctl(epoll, op, fd, &mut event) }).map(drop)
+}
+
 /// Turns a -1 from libc into the OS error.
 fn cvt(ret: i32) -> io::Result<i32> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
@@ -159,22 +207,16 @@ fn now_ms() -> u64 {
 }
 
 impl Floor {
-    fn ctl(&self, op: i32, fd: i32, token: u64, events: u32) -> io::Result<()> {
-        let mut event = libc::epoll_event { events, u64: token };
-        // SAFETY: `event` outlives the call; the kernel copies it.
-        cvt(unsafe { libc::epoll_ctl(self.epoll, op, fd, &mut event) }).map(drop)
-    }
-
     fn accept_all(&mut self) {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     let token = self.next_token;
                     self.next_token += 1;
-                    let registered = stream
-                        .set_nonblocking(true)
-                        .and_then(|()| stream.set_nodelay(true))
-                        .and_then(|()| self.ctl(libc::EPOLL_CTL_ADD, stream.as_raw_fd(), token, libc::EPOLLIN as u32));
+                    let registered =
+                        stream.set_nonblocking(true).and_then(|()| stream.set_nodelay(true)).and_then(|()| {
+                            ctl(self.epoll, libc::EPOLL_CTL_ADD, stream.as_raw_fd(), token, libc::EPOLLIN as u32)
+                        });
                     if registered.is_ok() {
                         let conn = Conn {
                             stream,
@@ -248,12 +290,14 @@ impl Floor {
                 r.next_id += 1;
                 let Ok(json) = serde_json::to_vec(&message) else { return };
                 let frame = text_frame(&json);
-                let members = std::mem::take(&mut r.members);
-                for &member in &members {
-                    self.deliver(member, &frame);
+                let mut broken = Vec::new();
+                for &member in &r.members {
+                    if self.conns.get_mut(&member).is_some_and(|m| !m.deliver(self.epoll, member, &frame)) {
+                        broken.push(member);
+                    }
                 }
-                if let Some(r) = self.rooms.get_mut(&room) {
-                    r.members = members;
+                for member in broken {
+                    self.close(member);
                 }
             }
             _ => {
@@ -264,48 +308,19 @@ impl Floor {
         }
     }
 
-    /// Writes `bytes` to `token` now, or queues them behind what is queued.
+    /// Writes `bytes` to `token` now (or queues them), closing it if broken.
     fn deliver(&mut self, token: u64, bytes: &[u8]) {
-        let Some(conn) = self.conns.get_mut(&token) else { return };
-        if !conn.out.is_empty() {
-            conn.out.extend_from_slice(bytes);
-            return;
-        }
-        let written = match conn.stream.write(bytes) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(_) => return self.close(token),
-        };
-        if written < bytes.len() {
-            conn.out.extend_from_slice(&bytes[written..]);
-            self.watch_out(token, true);
+        let epoll = self.epoll;
+        if self.conns.get_mut(&token).is_some_and(|conn| !conn.deliver(epoll, token, bytes)) {
+            self.close(token);
         }
     }
 
-    /// Writes what is queued for a writable socket.
+    /// Writes what is queued for a writable socket, closing it if broken.
     fn flush(&mut self, token: u64) {
-        let Some(conn) = self.conns.get_mut(&token) else { return };
-        match conn.stream.write(&conn.out) {
-            Ok(n) => {
-                conn.out.drain(..n);
-                if conn.out.is_empty() {
-                    self.watch_out(token, false);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => self.close(token),
-        }
-    }
-
-    fn watch_out(&mut self, token: u64, on: bool) {
-        let Some(conn) = self.conns.get_mut(&token) else { return };
-        if conn.watching_out != on {
-            conn.watching_out = on;
-            let events = libc::EPOLLIN as u32 | if on { libc::EPOLLOUT as u32 } else { 0 };
-            let fd = conn.stream.as_raw_fd();
-            if self.ctl(libc::EPOLL_CTL_MOD, fd, token, events).is_err() {
-                self.close(token);
-            }
+        let epoll = self.epoll;
+        if self.conns.get_mut(&token).is_some_and(|conn| !conn.flush(epoll, token)) {
+            self.close(token);
         }
     }
 
