@@ -23,9 +23,9 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use wardroom::protocol::{ServerFrame, encode, now_ms};
 use wardroom::ws::handshake::accept_key;
 use wardroom::ws::{Event, Flow, MessageReader, OpCode, encode_control, text_frame};
 
@@ -42,19 +42,6 @@ struct Request<'a> {
     kind: &'a str,
     room: Option<String>,
     content: Option<String>,
-}
-
-/// A message as broadcast (the fields the Node peer sends).
-#[derive(Serialize)]
-struct Message<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    room: &'a str,
-    id: u64,
-    from: &'a str,
-    user: &'a str,
-    content: &'a str,
-    ts: u64,
 }
 
 /// A client connection.
@@ -202,10 +189,6 @@ fn cvt(ret: i32) -> io::Result<i32> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Floor {
     fn accept_all(&mut self) {
         loop {
@@ -278,18 +261,15 @@ impl Floor {
                 if conn.rooms.contains(&room) =>
             {
                 let Some(r) = self.rooms.get_mut(&room) else { return };
-                let message = Message {
-                    kind: "message",
+                let frame = encode(&ServerFrame::Message {
                     room: &room,
                     id: r.next_id,
                     from: &conn.nick,
                     user: &conn.user,
                     content: &content,
                     ts: now_ms(),
-                };
+                });
                 r.next_id += 1;
-                let Ok(json) = serde_json::to_vec(&message) else { return };
-                let frame = text_frame(&json);
                 let mut broken = Vec::new();
                 for &member in &r.members {
                     if self.conns.get_mut(&member).is_some_and(|m| !m.deliver(self.epoll, member, &frame)) {
