@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use serde::Deserialize;
 use wardroom::protocol::{ServerFrame, encode, now_ms};
@@ -133,7 +133,7 @@ struct Room {
 
 /// The whole server state.
 struct Floor {
-    epoll: i32,
+    epoll: OwnedFd,
     listener: TcpListener,
     conns: HashMap<u64, Conn>,
     rooms: HashMap<String, Room>,
@@ -144,16 +144,17 @@ fn main() -> io::Result<()> {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8091".to_owned());
     let listener = TcpListener::bind(&addr)?;
     listener.set_nonblocking(true)?;
-    // SAFETY: epoll_create1 has no memory-safety preconditions.
-    let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+    // SAFETY: epoll_create1 has no memory-safety preconditions, and the
+    // descriptor it returns is new and owned by nothing else.
+    let epoll = unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
     let mut floor = Floor { epoll, listener, conns: HashMap::new(), rooms: HashMap::new(), next_token: 0 };
-    ctl(epoll, libc::EPOLL_CTL_ADD, floor.listener.as_raw_fd(), LISTENER, libc::EPOLLIN as u32)?;
+    ctl(floor.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, floor.listener.as_raw_fd(), LISTENER, libc::EPOLLIN as u32)?;
     println!("floor peer listening on ws://{}/ws", floor.listener.local_addr()?);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let mut scratch = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: `events` is a valid buffer of `events.len()` entries.
-        let n = unsafe { libc::epoll_wait(floor.epoll, events.as_mut_ptr(), events.len() as i32, -1) };
+        let n = unsafe { libc::epoll_wait(floor.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -198,7 +199,13 @@ impl Floor {
                     self.next_token += 1;
                     let registered =
                         stream.set_nonblocking(true).and_then(|()| stream.set_nodelay(true)).and_then(|()| {
-                            ctl(self.epoll, libc::EPOLL_CTL_ADD, stream.as_raw_fd(), token, libc::EPOLLIN as u32)
+                            ctl(
+                                self.epoll.as_raw_fd(),
+                                libc::EPOLL_CTL_ADD,
+                                stream.as_raw_fd(),
+                                token,
+                                libc::EPOLLIN as u32,
+                            )
                         });
                     if registered.is_ok() {
                         let conn = Conn {
@@ -272,7 +279,7 @@ impl Floor {
                 r.next_id += 1;
                 let mut broken = Vec::new();
                 for &member in &r.members {
-                    if self.conns.get_mut(&member).is_some_and(|m| !m.deliver(self.epoll, member, &frame)) {
+                    if self.conns.get_mut(&member).is_some_and(|m| !m.deliver(self.epoll.as_raw_fd(), member, &frame)) {
                         broken.push(member);
                     }
                 }
@@ -290,7 +297,7 @@ impl Floor {
 
     /// Writes `bytes` to `token` now (or queues them), closing it if broken.
     fn deliver(&mut self, token: u64, bytes: &[u8]) {
-        let epoll = self.epoll;
+        let epoll = self.epoll.as_raw_fd();
         if self.conns.get_mut(&token).is_some_and(|conn| !conn.deliver(epoll, token, bytes)) {
             self.close(token);
         }
@@ -298,7 +305,7 @@ impl Floor {
 
     /// Writes what is queued for a writable socket, closing it if broken.
     fn flush(&mut self, token: u64) {
-        let epoll = self.epoll;
+        let epoll = self.epoll.as_raw_fd();
         if self.conns.get_mut(&token).is_some_and(|conn| !conn.flush(epoll, token)) {
             self.close(token);
         }
