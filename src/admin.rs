@@ -31,27 +31,57 @@ pub fn routes(
         .and(warp::method())
         .and(warp::path::tail())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .and(warp::body::content_length_limit(MAX_BODY))
-        .and(warp::body::bytes())
-        .then(move |(), method: Method, tail: warp::path::Tail, query: String, body: bytes::Bytes| {
+        .and(warp::body::stream())
+        .then(move |(), method: Method, tail: warp::path::Tail, query: String, body| {
             let hub = hub.clone();
             async move {
+                let body = match read_body(body).await {
+                    Ok(body) => body,
+                    Err(response) => return response,
+                };
                 let segments: Vec<&str> = tail.as_str().split('/').filter(|s| !s.is_empty()).collect();
                 handle(&hub, &method, &segments, &query, &body).await
             }
         })
 }
 
+/// Reads a request body of at most [`MAX_BODY`] bytes. A request may have
+/// none, or give its length or not (`GET` from curl or a browser sends no
+/// `Content-Length`).
+async fn read_body<S, B>(body: S) -> Result<Vec<u8>, Response>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut bytes = Vec::new();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+        let chunk = chunk.map_err(|e| error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("{e}")))?;
+        if (bytes.len() + chunk.remaining()) as u64 > MAX_BODY {
+            let message = format!("the request body is larger than {MAX_BODY} bytes");
+            return Err(error(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, message));
+        }
+        bytes::BufMut::put(&mut bytes, chunk);
+    }
+    Ok(bytes)
+}
+
 /// Dispatches one admin request.
 async fn handle(hub: &Arc<Hub>, method: &Method, path: &[&str], query: &str, body: &[u8]) -> Response {
-    let params: HashMap<String, String> = serde_urlencoded::from_str(query).unwrap_or_default();
+    let Ok(params) = serde_urlencoded::from_str::<HashMap<String, String>>(query) else {
+        return bad_request(format!("the query string {query:?} is malformed"));
+    };
     match (method.as_str(), path) {
         ("GET", ["reload"]) => json(StatusCode::OK, &hub.reloader().status()),
         ("POST", ["reload"]) => {
             let reloader = hub.reloader().clone();
             match tokio::task::spawn_blocking(move || reloader.reload()).await {
                 Ok(status) => json(StatusCode::OK, &status),
-                Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed unexpectedly"),
+                Err(_) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Unavailable,
+                    "the reload failed unexpectedly".to_owned(),
+                ),
             }
         }
         ("GET", ["rooms"]) => json(StatusCode::OK, &hub.room_overview()),
@@ -61,16 +91,16 @@ async fn handle(hub: &Arc<Hub>, method: &Method, path: &[&str], query: &str, bod
         }
         ("POST", ["bans"]) => match parse::<BanBody>(body) {
             Ok(b) => act(hub, Request::Ban { user: b.user, ip: b.ip, duration: b.duration, reason: b.reason }).await,
-            Err(message) => plain_owned(StatusCode::BAD_REQUEST, message),
+            Err(message) => bad_request(message),
         },
         ("DELETE", ["bans", id]) => match id.parse::<i64>() {
             Ok(id) => act(hub, Request::Unban { user: None, ip: None, ban: Some(id) }).await,
-            Err(_) => plain(StatusCode::BAD_REQUEST, "a ban id is a number"),
+            Err(_) => bad_request(format!("a ban id is a number, not {id:?}")),
         },
         ("GET", ["mutes"]) => json(StatusCode::OK, &hub.moderation.mutes(now_ms())),
         ("POST", ["mutes"]) => match parse::<MuteBody>(body) {
             Ok(m) => act(hub, Request::Mute { user: m.user, duration: m.duration, reason: m.reason }).await,
-            Err(message) => plain_owned(StatusCode::BAD_REQUEST, message),
+            Err(message) => bad_request(message),
         },
         ("DELETE", ["mutes", user]) => act(hub, Request::Unmute { user: (*user).to_owned() }).await,
         ("GET", ["review"]) => {
@@ -79,32 +109,55 @@ async fn handle(hub: &Arc<Hub>, method: &Method, path: &[&str], query: &str, bod
                 Some("all") => None,
                 Some(name) => match ReviewStatus::parse(name) {
                     Some(status) => Some(status),
-                    None => return plain_owned(StatusCode::BAD_REQUEST, format!("unknown status {name:?}")),
+                    None => return bad_request(format!("unknown status {name:?}")),
                 },
             };
             stored(hub.store().review_items(status))
         }
         ("POST", ["review", id, decision @ ("approve" | "deny")]) => {
             let Ok(item) = id.parse::<i64>() else {
-                return plain(StatusCode::BAD_REQUEST, "a review item id is a number");
+                return bad_request(format!("a review item id is a number, not {id:?}"));
             };
-            let reason = parse::<DecisionBody>(body).ok().and_then(|b| b.reason);
+            let reason = if body.is_empty() {
+                None
+            } else {
+                match parse::<DecisionBody>(body) {
+                    Ok(body) => body.reason,
+                    Err(message) => return bad_request(message),
+                }
+            };
             let request =
                 if *decision == "approve" { Request::Approve { item } } else { Request::Deny { item, reason } };
             act(hub, request).await
         }
         ("GET", ["audit"]) => {
-            let number = |key: &str| params.get(key).and_then(|v| v.parse::<i64>().ok());
+            let number = |key: &str| -> Result<Option<i64>, String> {
+                match params.get(key) {
+                    None => Ok(None),
+                    Some(v) => v.parse().map(Some).map_err(|_| format!("`{key}` is a number, not {v:?}")),
+                }
+            };
+            let (before, limit) = match (number("before"), number("limit")) {
+                (Ok(before), Ok(limit)) => (before, limit.unwrap_or(100)),
+                (Err(message), _) | (_, Err(message)) => return bad_request(message),
+            };
+            if !(1..=1000).contains(&limit) {
+                return bad_request(format!("`limit` is from 1 to 1000, not {limit}"));
+            }
             let query = AuditQuery {
                 actor: params.get("actor").cloned(),
                 target: params.get("target").cloned(),
                 room: params.get("room").cloned(),
-                before: number("before"),
-                limit: number("limit").map_or(100, |n| n.clamp(1, 1000) as usize),
+                before,
+                limit: limit as usize,
             };
             stored(hub.store().audit(&query))
         }
-        _ => plain(StatusCode::NOT_FOUND, "no such admin endpoint; see docs/admin-api.md"),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such admin endpoint; see docs/admin-api.md".to_owned(),
+        ),
     }
 }
 
@@ -118,7 +171,7 @@ async fn act(hub: &Hub, request: Request) -> Response {
                 ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::BAD_REQUEST,
             };
-            json(status, &serde_json::json!({"error": error.code.as_str(), "message": error.message}))
+            self::error(status, error.code, error.message)
         }
     }
 }
@@ -127,7 +180,7 @@ async fn act(hub: &Hub, request: Request) -> Response {
 fn stored<T: Serialize>(result: Result<T, crate::store::StoreError>) -> Response {
     match result {
         Ok(value) => json(StatusCode::OK, &value),
-        Err(e) => plain_owned(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()),
     }
 }
 
@@ -223,10 +276,14 @@ fn plain(status: StatusCode, body: &'static str) -> Response {
     response
 }
 
-fn plain_owned(status: StatusCode, body: String) -> Response {
-    let mut response = Response::new(body.into());
-    *response.status_mut() = status;
-    response
+/// An error answer: `{"error": "<code>", "message": "<text>"}`.
+fn error(status: StatusCode, code: ErrorCode, message: String) -> Response {
+    json(status, &serde_json::json!({"error": code.as_str(), "message": message}))
+}
+
+/// `400` for a malformed request.
+fn bad_request(message: String) -> Response {
+    error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
-use support::raw::http_request;
+use support::raw::{http_request, http_request_with_body};
 use support::{Client, TestServer};
 
 const SECRET: &str = "test-secret";
@@ -372,4 +372,37 @@ async fn every_action_is_in_the_audit_log_and_the_admin_api() {
     let rooms = admin_get(&server, "/admin/rooms").await;
     assert_eq!(rooms[0]["room"], "lobby");
     assert_eq!(rooms[0]["member_count"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_errors_are_json_and_say_what_is_wrong() {
+    let server = TestServer::with_toml(CONFIG).await;
+    let error = |(status, body): (u16, String)| -> (u16, String, String) {
+        let value: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+        let text = |key: &str| value[key].as_str().unwrap_or_else(|| panic!("no `{key}`: {body}")).to_owned();
+        (status, text("error"), text("message"))
+    };
+    let get = |path: &'static str| http_request(server.addr, "GET", path, ADMIN);
+
+    let (status, code, message) = error(get("/admin/audit?limit=0").await);
+    assert_eq!((status, code.as_str()), (400, "bad_request"));
+    assert!(message.contains("`limit` is from 1 to 1000"), "{message}");
+    let (status, code, message) = error(get("/admin/audit?before=abc").await);
+    assert_eq!((status, code.as_str()), (400, "bad_request"));
+    assert!(message.contains("`before` is a number"), "{message}");
+    let (status, code, _) = error(get("/admin/review?status=bogus").await);
+    assert_eq!((status, code.as_str()), (400, "bad_request"));
+    let (status, code, _) = error(get("/admin/nothing").await);
+    assert_eq!((status, code.as_str()), (404, "not_found"));
+    let (status, code, _) = error(http_request(server.addr, "DELETE", "/admin/bans/abc", ADMIN).await);
+    assert_eq!((status, code.as_str()), (400, "bad_request"));
+
+    let huge = format!(r#"{{"user": "x", "reason": "{}"}}"#, "a".repeat(70 * 1024));
+    let (status, code, message) =
+        error(http_request_with_body(server.addr, "POST", "/admin/mutes", ADMIN, &huge).await);
+    assert_eq!((status, code.as_str()), (413, "too_large"), "{message}");
+
+    // A POST without a body, as `curl -X POST` sends it.
+    let (status, body) = http_request(server.addr, "POST", "/admin/reload", ADMIN).await;
+    assert_eq!(status, 200, "{body}");
 }

@@ -249,6 +249,7 @@ pub async fn http_request(addr: SocketAddr, method: &str, path: &str, extra_head
 }
 
 /// An HTTP/1.1 request with a body; returns the status code and the body.
+/// Like curl, it sends `Content-Length` only with a body.
 pub async fn http_request_with_body(
     addr: SocketAddr,
     method: &str,
@@ -257,10 +258,9 @@ pub async fn http_request_with_body(
     body: &str,
 ) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n{extra_headers}\r\n{body}",
-        body.len()
-    );
+    let length = if body.is_empty() { String::new() } else { format!("Content-Length: {}\r\n", body.len()) };
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{length}{extra_headers}\r\n{body}");
     stream.write_all(request.as_bytes()).await.expect("send request");
     let mut response = Vec::new();
     tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
