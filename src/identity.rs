@@ -175,16 +175,27 @@ fn read_rsa_key(path: &Path) -> Result<DecodingKey, String> {
     DecodingKey::from_rsa_pem(&pem).map_err(|e| format!("{} is not an RSA public key in PEM: {e}", path.display()))
 }
 
-/// The key under which names that look alike compare equal: NFKC, lower
-/// case, the UTS #39 confusable skeleton (`rn` ≈ `m`, Cyrillic `а` ≈ `a`,
-/// `1` ≈ `l`), then digits and `l`/`|` folded to the letters they pass for.
-/// `Adm1n`, `Аdmin` (Cyrillic А), `ADMlN` and `admin` share a key; so do
-/// `rnod` and `mod`. Final sigma `ς` counts as `σ` (as in Unicode case
-/// folding): `str::to_lowercase` writes `ΣΑΣ` as `σας`, and a name must
-/// keep its key in any case.
+/// The key under which names that look alike compare equal: NFKC; each
+/// capital that passes for a Latin one (Greek `Μ`, Cyrillic `В`) replaced by
+/// that letter, every other letter in lower case; the UTS #39 confusable
+/// skeleton (`rn` ≈ `m`, Cyrillic `а` ≈ `a`, `1` ≈ `l`); then digits and
+/// `l`/`|` folded to the letters they pass for. `Adm1n`, `Аdmin` (Cyrillic
+/// А), `ADMlN`, `ΜOD` (Greek Μ) and `admin` share a key; so do `rnod` and
+/// `mod`. Capitals are resolved before lower-casing because the lower case
+/// of `Μ` or `В` (`μ`, `в`) passes for no Latin letter. Final sigma `ς`
+/// counts as `σ` (as in Unicode case folding): `str::to_lowercase` writes
+/// `ΣΑΣ` as `σας`, and a name must keep its key in any case.
 pub fn impersonation_key(name: &str) -> String {
-    let lower: String =
-        name.nfkc().flat_map(char::to_lowercase).map(|c| if c == '\u{3C2}' { '\u{3C3}' } else { c }).collect();
+    let mut lower = String::with_capacity(name.len());
+    for c in name.nfkc() {
+        let mut buf = [0; 4];
+        let c_str: &str = c.encode_utf8(&mut buf);
+        if c.is_uppercase() && unicode_security::skeleton(c_str).all(|s| s.is_ascii()) {
+            lower.extend(unicode_security::skeleton(c_str).flat_map(char::to_lowercase));
+        } else {
+            lower.extend(c.to_lowercase().map(|c| if c == '\u{3C2}' { '\u{3C3}' } else { c }));
+        }
+    }
     unicode_security::skeleton(&lower)
         .flat_map(char::to_lowercase)
         .filter(|c| c.is_alphanumeric())
@@ -259,6 +270,18 @@ mod tests {
             assert_eq!(impersonation_key(disguise), admin, "{disguise:?}");
         }
         assert_eq!(impersonation_key("rnod"), impersonation_key("mod"));
+        assert_eq!(impersonation_key("RNOD"), impersonation_key("mod"));
+        // Capitals that pass for Latin ones while their lower case does not.
+        for (disguise, name) in [
+            ("\u{39C}OD", "mod"),             // Greek Μ
+            ("AD\u{41C}IN", "admin"),         // Cyrillic М
+            ("SYS\u{3A4}E\u{39C}", "system"), // Greek Τ, Μ
+            ("\u{392}oss", "boss"),           // Greek Β
+            ("\u{412}OSS", "boss"),           // Cyrillic В
+            ("\u{41C}ara", "Mara"),           // Cyrillic М
+        ] {
+            assert_eq!(impersonation_key(disguise), impersonation_key(name), "{disguise:?} as {name:?}");
+        }
         assert_eq!(impersonation_key("ΣΑΣ"), impersonation_key("σας"), "final sigma");
         assert_ne!(impersonation_key("alice"), impersonation_key("bob"));
     }
