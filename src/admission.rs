@@ -120,24 +120,28 @@ impl Admission {
     /// The client's address: the socket peer, or, when the peer is a trusted
     /// proxy, the right-most address in `X-Forwarded-For` that is not itself
     /// a trusted proxy (addresses further left can be forged by the client).
+    /// A hop that is not an address ends the walk at the trusted proxy that
+    /// wrote it: what lies to its left cannot be believed. IPv4-mapped IPv6
+    /// addresses (`::ffff:a.b.c.d`) count as the IPv4 address.
     pub fn client_addr(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
-        if !self.is_trusted_proxy(peer.ip()) {
-            return peer.ip();
+        let mut client = peer.ip().to_canonical();
+        if !self.is_trusted_proxy(client) {
+            return client;
         }
-        let forwarded: Vec<IpAddr> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map_while(|hop| hop.trim().parse().ok())
-            .collect();
-        forwarded
-            .iter()
-            .rev()
-            .find(|ip| !self.is_trusted_proxy(**ip))
-            .or(forwarded.first())
-            .copied()
-            .unwrap_or(peer.ip())
+        let values: Vec<Option<&str>> =
+            headers.get_all("x-forwarded-for").iter().map(|value| value.to_str().ok()).collect();
+        let hops = values.iter().rev().flat_map(|value| match value {
+            Some(value) => value.rsplit(',').map(|hop| hop.trim().parse::<IpAddr>().ok()).collect(),
+            None => vec![None],
+        });
+        for hop in hops {
+            let Some(ip) = hop else { break };
+            client = ip.to_canonical();
+            if !self.is_trusted_proxy(client) {
+                break;
+            }
+        }
+        client
     }
 
     /// Open connections.
@@ -200,6 +204,26 @@ mod tests {
         assert_eq!(admission.client_addr(proxy, &headers), "203.0.113.7".parse::<IpAddr>().unwrap());
         assert_eq!(admission.client_addr(stranger, &headers), stranger.ip());
         assert_eq!(admission.client_addr(proxy, &HeaderMap::new()), proxy.ip());
+        // A hop that is not an address: nothing to its left is believed.
+        for (forwarded, client) in [
+            ("1.1.1.1, garbage", "10.0.0.5"),
+            ("1.1.1.1, ", "10.0.0.5"),
+            ("1.1.1.1, unknown, 10.1.1.1", "10.1.1.1"),
+            ("3.3.3.3:5555", "10.0.0.5"),
+            ("::ffff:203.0.113.9", "203.0.113.9"),
+            ("203.0.113.7, ::ffff:10.1.1.1", "203.0.113.7"),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-forwarded-for", forwarded.parse().unwrap());
+            assert_eq!(admission.client_addr(proxy, &headers), client.parse::<IpAddr>().unwrap(), "{forwarded}");
+        }
+        // Two headers are one list, the last header's entries right-most.
+        let mut headers = HeaderMap::new();
+        headers.append("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        headers.append("x-forwarded-for", "203.0.113.8, 10.2.2.2".parse().unwrap());
+        assert_eq!(admission.client_addr(proxy, &headers), "203.0.113.8".parse::<IpAddr>().unwrap());
+        let mapped: SocketAddr = "[::ffff:10.0.0.5]:4000".parse().unwrap();
+        assert_eq!(admission.client_addr(mapped, &headers), "203.0.113.8".parse::<IpAddr>().unwrap(), "mapped proxy");
         // A trusted proxy's own connection takes no per-IP slot.
         let _tickets: Vec<_> = (0..10).map(|_| admission.admit(proxy.ip()).unwrap()).collect();
         assert_eq!(admission.admit(proxy.ip()).unwrap_err(), Refusal::ServerFull);

@@ -174,8 +174,11 @@ async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, admission: Arc<Admiss
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, addr)) => match admission.admit(addr.ip()) {
+                // `::ffff:a.b.c.d` on a dual-stack listener is the IPv4 client
+                // a.b.c.d: its bans, caps and logs use that address.
+                Ok((stream, addr)) => match admission.admit(addr.ip().to_canonical()) {
                     Ok(ticket) => {
+                        let addr = std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port());
                         let peer = Peer { addr, ticket: Arc::new(Mutex::new(Some(ticket))) };
                         connections.spawn(serve_http(stream, peer, header_read_timeout, routes.clone()));
                     }
