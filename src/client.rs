@@ -44,6 +44,18 @@ impl Roles {
         self.0 & (Self::MODERATOR.0 | Self::ADMIN.0) != 0
     }
 
+    /// Rank for moderation: 2 for admins, 1 for moderators, 0 for members.
+    /// A moderator acts only on users of a lower rank.
+    pub fn rank(self) -> u8 {
+        if self.contains(Self::ADMIN) {
+            2
+        } else if self.contains(Self::MODERATOR) {
+            1
+        } else {
+            0
+        }
+    }
+
     /// Whether every role in `other` is in `self`.
     pub fn contains(self, other: Roles) -> bool {
         self.0 & other.0 == other.0

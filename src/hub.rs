@@ -693,6 +693,7 @@ impl Hub {
         }
         if identity.kind == IdentityKind::Guest {
             self.free_nick(client.id, &identity.nick);
+            self.moderation.note_departed_guest(&identity.user_id, client.addr);
         }
         for key in claimed.into_iter().flatten() {
             self.release_key(client.id, &key);

@@ -16,7 +16,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::client::{Client, Identity};
+use crate::client::{Client, Identity, Roles};
 use crate::cluster::Effect;
 use crate::hub::{Hub, json_of};
 use crate::lock;
@@ -130,7 +130,13 @@ struct Inner {
     last_post: HashMap<(String, String), u64>,
     /// Impersonation keys of staff nicknames seen.
     staff_names: HashSet<String>,
+    /// Addresses of guests who left lately, oldest first, so that a ban of
+    /// a guest who has just disconnected still bans its address.
+    departed_guests: std::collections::VecDeque<(String, IpAddr)>,
 }
+
+/// Departed guests whose address [`Inner::departed_guests`] remembers.
+const DEPARTED_GUESTS: usize = 4096;
 
 impl ModerationState {
     /// State from the store's snapshot.
@@ -223,6 +229,21 @@ impl ModerationState {
     /// Whether `nick` looks like a staff member's name seen so far.
     pub fn looks_like_staff(&self, key: &str) -> bool {
         lock(&self.inner).staff_names.contains(key)
+    }
+
+    /// Remembers the address of a guest who disconnected (the last
+    /// [`DEPARTED_GUESTS`] of them).
+    pub fn note_departed_guest(&self, user_id: &str, addr: IpAddr) {
+        let mut inner = lock(&self.inner);
+        if inner.departed_guests.len() == DEPARTED_GUESTS {
+            inner.departed_guests.pop_front();
+        }
+        inner.departed_guests.push_back((user_id.to_owned(), addr));
+    }
+
+    /// The address of a guest who disconnected lately.
+    pub fn departed_guest_addr(&self, user_id: &str) -> Option<IpAddr> {
+        lock(&self.inner).departed_guests.iter().rev().find(|(id, _)| id == user_id).map(|(_, addr)| *addr)
     }
 
     /// Remembers a staff member's name, so guests cannot imitate it.
@@ -364,6 +385,27 @@ fn not_found(what: impl Into<String>) -> RequestError {
     RequestError::new(ErrorCode::NotFound, what)
 }
 
+/// The longest mute or timed ban, in seconds (100 years); a ban without a
+/// duration is permanent.
+const MAX_DURATION_SECS: u64 = 100 * 365 * 86_400;
+
+/// A request's `duration`: 1 second to [`MAX_DURATION_SECS`].
+fn seconds(secs: u64) -> Result<Duration, RequestError> {
+    if (1..=MAX_DURATION_SECS).contains(&secs) {
+        Ok(Duration::from_secs(secs))
+    } else {
+        Err(RequestError::new(
+            ErrorCode::BadRequest,
+            format!("`duration` is from 1 to {MAX_DURATION_SECS} seconds (100 years), not {secs}"),
+        ))
+    }
+}
+
+/// The time, in milliseconds since the epoch, `duration` after `now`.
+fn deadline(now: u64, duration: Duration) -> u64 {
+    now.saturating_add(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn human(duration: Duration) -> String {
     let secs = duration.as_secs();
     match secs {
@@ -387,13 +429,11 @@ impl Hub {
         let identity = client.identity();
         let actor = Actor::user(&identity);
         let action = request.kind();
-        if !matches!(request, Request::Report { .. }) && !identity.roles.is_staff() {
+        if let Some((why, message)) = self.refusal(&identity, &request) {
             // Refused, and answered once the attempt is on record.
-            let write = audit(&actor, "forbidden", None, None, &format!("`{action}` needs the moderator role"), None);
-            let error = RequestError {
-                reference: reference.cloned(),
-                ..RequestError::new(ErrorCode::Forbidden, format!("`{action}` is for moderators"))
-            };
+            let write = audit(&actor, "forbidden", request.target(), request.room(), &why, None);
+            let error =
+                RequestError { reference: reference.cloned(), ..RequestError::new(ErrorCode::Forbidden, message) };
             let client = client.clone();
             self.commit_then(vec![write], move |_| {
                 client.outbox.push(error.to_frame());
@@ -428,6 +468,39 @@ impl Hub {
         Ok(())
     }
 
+    /// Why `identity` may not make `request`, if it may not: for the audit
+    /// log, and for the user. Members may only report; nobody mutes, kicks
+    /// or bans themselves or a user whose rank is not below their own
+    /// (its connections' roles, and what `[auth] roles` grants).
+    fn refusal(&self, identity: &Identity, request: &Request) -> Option<(String, String)> {
+        let action = request.kind();
+        if matches!(request, Request::Report { .. }) {
+            return None;
+        }
+        if !identity.roles.is_staff() {
+            return Some((format!("`{action}` needs the moderator role"), format!("`{action}` is for moderators")));
+        }
+        let (Request::Kick { user, .. } | Request::Mute { user, .. } | Request::Ban { user: Some(user), .. }) = request
+        else {
+            return None;
+        };
+        if *identity.user_id == **user {
+            let why = format!("`{action}` of oneself");
+            return Some((why, format!("you cannot {action} yourself")));
+        }
+        let target = self
+            .clients_of(user)
+            .iter()
+            .map(|c| c.identity().roles)
+            .chain([self.policies().auth.roles_of(user)])
+            .max_by_key(|roles| roles.rank())
+            .unwrap_or(Roles::MEMBER);
+        (target.rank() >= identity.roles.rank()).then(|| {
+            let role = rank_name(target);
+            (format!("`{action}` of {role}"), format!("{} cannot {action} {role}", rank_name(identity.roles)))
+        })
+    }
+
     /// Carries out a moderation request for `actor` (a moderator, or the
     /// admin API) and returns the writes recording it. `reporter` is the
     /// user making a report.
@@ -447,14 +520,17 @@ impl Hub {
                 self.sanction(&user, Sanction::Kick, actor, &reason, None)?
             }
             Request::Mute { user, duration, reason } => {
-                let duration = duration.map_or(self.policies().config.moderation.default_mute, Duration::from_secs);
+                let duration = match duration {
+                    Some(secs) => seconds(secs)?,
+                    None => self.policies().config.moderation.default_mute,
+                };
                 let reason = reason.unwrap_or_else(|| "muted by a moderator".to_owned());
                 self.sanction(&user, Sanction::Mute(duration), actor, &reason, None)?
             }
             Request::Unmute { user } => self.unmute(&user, actor)?,
             Request::Ban { user, ip, duration, reason } => {
                 let reason = reason.unwrap_or_else(|| "banned by a moderator".to_owned());
-                let duration = duration.map(Duration::from_secs);
+                let duration = duration.map(seconds).transpose()?;
                 match (user, ip) {
                     (Some(user), None) => self.sanction(&user, Sanction::Ban(duration), actor, &reason, None)?,
                     (None, Some(ip)) => self.ban_address(&ip, duration, actor, &reason)?,
@@ -538,7 +614,7 @@ impl Hub {
             Sanction::Mute(duration) => {
                 let mute = Mute {
                     user_id: user_id.to_owned(),
-                    until: now + duration.as_millis() as u64,
+                    until: deadline(now, duration),
                     reason: reason.to_owned(),
                     actor: actor.id.clone(),
                     created_at: now,
@@ -561,6 +637,7 @@ impl Hub {
                         .first()
                         .map(|c| c.addr)
                         .or_else(|| self.cluster.as_ref().and_then(|c| c.remote_user(user_id)))
+                        .or_else(|| self.moderation.departed_guest_addr(user_id))
                         .map(|addr| IpNet::from(addr).to_string())
                 } else {
                     None
@@ -572,7 +649,7 @@ impl Hub {
                     reason: reason.to_owned(),
                     actor: actor.id.clone(),
                     created_at: now,
-                    expires_at: duration.map(|d| now + d.as_millis() as u64),
+                    expires_at: duration.map(|d| deadline(now, d)),
                 };
                 let why = match duration {
                     Some(d) => format!("banned for {}: {reason}", human(d)),
@@ -606,7 +683,7 @@ impl Hub {
             reason: reason.to_owned(),
             actor: actor.id.clone(),
             created_at: now,
-            expires_at: duration.map(|d| now + d.as_millis() as u64),
+            expires_at: duration.map(|d| deadline(now, d)),
         };
         self.effect(Effect::Ban { ban: (&ban).into(), message: format!("banned: {reason}") });
         Ok(vec![Write::Ban(ban), audit(actor, "ban", Some(net.to_string()), None, reason, None)])
@@ -1100,7 +1177,49 @@ impl Hub {
     }
 }
 
+/// The highest role in `roles`, for messages.
+fn rank_name(roles: Roles) -> &'static str {
+    match roles.rank() {
+        2 => "an admin",
+        1 => "a moderator",
+        _ => "a member",
+    }
+}
+
 impl Request {
+    /// The user, address or ban a moderation request is aimed at (for the
+    /// audit log).
+    pub fn target(&self) -> Option<String> {
+        match self {
+            Request::Kick { user, .. }
+            | Request::Mute { user, .. }
+            | Request::Unmute { user }
+            | Request::ClearStrikes { user } => Some(user.clone()),
+            Request::Ban { user, ip, .. } => user.clone().or_else(|| ip.clone()),
+            Request::Unban { user, ip, ban } => {
+                user.clone().or_else(|| ip.clone()).or_else(|| ban.map(|id| format!("ban:{id}")))
+            }
+            Request::Approve { item } | Request::Deny { item, .. } => Some(format!("review:{item}")),
+            _ => None,
+        }
+    }
+
+    /// The room a request is about, if any.
+    pub fn room(&self) -> Option<&str> {
+        match self {
+            Request::Join { room }
+            | Request::Leave { room }
+            | Request::Message { room, .. }
+            | Request::History { room, .. }
+            | Request::Report { room, .. }
+            | Request::Delete { room, .. }
+            | Request::SlowMode { room, .. }
+            | Request::Lock { room }
+            | Request::Unlock { room } => Some(room),
+            _ => None,
+        }
+    }
+
     /// The request's `type`, as clients write it.
     pub fn kind(&self) -> &'static str {
         match self {

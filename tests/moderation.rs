@@ -18,7 +18,7 @@ const ADMIN: &str = "Authorization: Bearer admin-token\r\n";
 const CONFIG: &str = r#"
 [auth]
 jwt_secret = "test-secret"
-roles = { "mod-1" = ["moderator"] }
+roles = { "mod-1" = ["moderator"], "mod-2" = ["moderator"], "adm-1" = ["admin"] }
 
 [admin]
 token = "admin-token"
@@ -121,6 +121,7 @@ async fn a_member_trying_a_moderator_action_gets_forbidden_and_is_audited() {
     let actions: Vec<&str> = audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["forbidden"; 3], "{audit}");
     assert!(audit[0]["reason"].as_str().unwrap().contains("`lock`"), "newest first: {audit}");
+    assert_eq!((&audit[0]["room"], &audit[1]["target"]), (&json!("lobby"), &json!("mod-1")), "{audit}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,4 +409,95 @@ async fn admin_errors_are_json_and_say_what_is_wrong() {
     // A POST without a body, as `curl -X POST` sends it.
     let (status, body) = http_request(server.addr, "POST", "/admin/reload", ADMIN).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// Sends `request` and returns the error it gets.
+async fn refused(client: &mut Client, request: Value) -> Value {
+    client.send(request.clone()).await;
+    loop {
+        let frame = client.recv().await;
+        assert_ne!(frame["type"], "done", "{request} was carried out");
+        if frame["type"] == "error" {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moderators_act_only_on_users_below_their_rank() {
+    let server = TestServer::with_toml(CONFIG).await;
+    let (mut moderator, _guest, _) = community(&server).await;
+    let mut admin = user(&server, "adm-1", "Chief").await;
+    for (request, message) in [
+        (json!({"type": "ban", "user": "adm-1", "duration": 60}), "a moderator cannot ban an admin"),
+        (json!({"type": "mute", "user": "adm-1"}), "a moderator cannot mute an admin"),
+        // Not connected: the rank comes from `[auth] roles`.
+        (json!({"type": "kick", "user": "mod-2"}), "a moderator cannot kick a moderator"),
+        (json!({"type": "ban", "user": "mod-1"}), "you cannot ban yourself"),
+    ] {
+        let error = refused(&mut moderator, request.clone()).await;
+        assert_eq!(
+            (error["code"].as_str(), error["message"].as_str()),
+            (Some("forbidden"), Some(message)),
+            "{request}"
+        );
+    }
+    let audit = admin_get(&server, "/admin/audit?actor=mod-1").await;
+    let targets: Vec<&str> = audit.as_array().unwrap().iter().rev().map(|e| e["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["adm-1", "adm-1", "mod-2", "mod-1"], "{audit}");
+    assert!(audit.as_array().unwrap().iter().all(|e| e["action"] == "forbidden"), "{audit}");
+
+    // An admin outranks a moderator.
+    admin.send(json!({"type": "mute", "user": "mod-1", "duration": 60})).await;
+    until(&mut admin, "done").await;
+    until(&mut moderator, "muted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_out_of_range_and_deleted_messages_are_refused() {
+    let server = TestServer::with_toml(CONFIG).await;
+    let (mut moderator, mut guest, guest_id) = community(&server).await;
+    for duration in [json!(0), json!(u64::MAX), json!(9_223_372_036_854_775_808u64)] {
+        for kind in ["ban", "mute"] {
+            let error = refused(&mut moderator, json!({"type": kind, "user": guest_id, "duration": duration})).await;
+            assert_eq!(error["code"], "bad_request", "{kind} {duration}: {error}");
+            assert!(error["message"].as_str().unwrap().contains("`duration` is from 1 to"), "{error}");
+        }
+    }
+    let (status, body) = http_request_with_body(
+        server.addr,
+        "POST",
+        "/admin/bans",
+        ADMIN,
+        &format!(r#"{{"user": "x", "duration": {}}}"#, u64::MAX),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(admin_get(&server, "/admin/bans").await.as_array().unwrap().is_empty(), "nothing was banned");
+
+    let id = guest.post("lobby", "soon gone").await["id"].as_u64().unwrap();
+    moderator.send(json!({"type": "delete", "room": "lobby", "id": id})).await;
+    until(&mut moderator, "done").await;
+    let error = refused(&mut moderator, json!({"type": "delete", "room": "lobby", "id": id})).await;
+    assert_eq!(error["code"], "not_found", "a second delete: {error}");
+    let error = refused(&mut guest, json!({"type": "report", "room": "lobby", "id": id, "reason": "rude"})).await;
+    assert_eq!(error["code"], "not_found", "a report of a deleted message: {error}");
+    let deletions = admin_get(&server, "/admin/audit?actor=mod-1").await;
+    assert_eq!(deletions.as_array().unwrap().iter().filter(|e| e["action"] == "delete").count(), 1, "{deletions}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_banned_after_leaving_is_banned_by_address_too() {
+    let server = TestServer::with_toml(CONFIG).await;
+    let (mut moderator, mut guest, guest_id) = community(&server).await;
+    guest.post("lobby", "spam spam spam").await;
+    guest.close().await;
+    until(&mut moderator, "presence").await;
+    moderator.send(json!({"type": "ban", "user": guest_id, "duration": 600, "reason": "spam"})).await;
+    until(&mut moderator, "done").await;
+    let bans = admin_get(&server, "/admin/bans").await;
+    assert_eq!(bans[0]["cidr"], "127.0.0.1/32", "{bans}");
+    let mut again = Client::connect_any(&server.ws_url(Some("NotAlice"))).await;
+    let error = again.recv().await;
+    assert_eq!(error["code"], "banned", "{error}");
 }

@@ -444,7 +444,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// One review item.
     fn review_item(&self, id: i64) -> Result<Option<ReviewItem>, StoreError>;
 
-    /// One message, even if deleted (for reports).
+    /// One message, unless it was deleted (reports and deletions of a
+    /// deleted message find nothing).
     fn message(&self, room: &str, id: u64) -> Result<Option<StoredMessage>, StoreError>;
 
     /// Audit entries, newest first.

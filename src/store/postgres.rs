@@ -589,7 +589,8 @@ impl fmt::Debug for PostgresStore {
 const HISTORY_SQL: &str = "SELECT room, id, user_id, json, ts FROM messages
      WHERE room = $1 AND id < $2 AND NOT deleted ORDER BY id DESC LIMIT $3";
 const LAST_ID_SQL: &str = "SELECT last_id FROM rooms_seq WHERE room = $1";
-const MESSAGE_SQL: &str = "SELECT room, id, user_id, json, ts FROM messages WHERE room = $1 AND id = $2";
+const MESSAGE_SQL: &str =
+    "SELECT room, id, user_id, json, ts FROM messages WHERE room = $1 AND id = $2 AND NOT deleted";
 const MUTES_SQL: &str = "SELECT user_id, until, reason, actor, created_at FROM mutes
      WHERE until > $1 ORDER BY user_id COLLATE \"C\"";
 const STRIKES_SQL: &str =

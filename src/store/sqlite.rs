@@ -532,8 +532,9 @@ impl Store for SqliteStore {
     fn message(&self, room: &str, id: u64) -> Result<Option<StoredMessage>, StoreError> {
         let Ok(id) = i64::try_from(id) else { return Ok(None) };
         let conn = self.reader();
-        let mut stmt =
-            conn.prepare_cached("SELECT room, id, user_id, json, ts FROM messages WHERE room = ?1 AND id = ?2")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT room, id, user_id, json, ts FROM messages WHERE room = ?1 AND id = ?2 AND deleted = 0",
+        )?;
         Ok(stmt.query_row(params![room, id], read_message).optional()?)
     }
 

@@ -149,8 +149,9 @@ pub fn messages_round_trip_and_deletion<B: Backend>(b: &B) {
     let written = commit(&store, vec![Write::DeleteMessage { room: "lobby".into(), id: 1 }]);
     assert_eq!(written, vec![Written::Done]);
     assert_eq!(ids(&store.history("lobby", None, 10).expect("history")), vec![2]);
-    // Still there for reports.
-    assert_eq!(store.message("lobby", 1).expect("message"), Some(msg("lobby", 1, 10)));
+    // Gone for reports and deletions too.
+    assert_eq!(store.message("lobby", 1).expect("message"), None);
+    assert_eq!(store.message("lobby", 2).expect("message"), Some(msg("lobby", 2, 11)));
     assert_eq!(store.message("lobby", 9).expect("message"), None);
     assert_eq!(store.message("lobby", u64::MAX).expect("message"), None);
     // Deleting what does not exist (or cannot) is not an error.
@@ -415,7 +416,8 @@ pub fn reopening_keeps_everything_and_does_not_reuse_ids<B: Backend>(b: &B) {
     );
     assert_eq!(store.review_items(None).expect("items"), items);
     assert_eq!(store.audit(&AuditQuery { limit: 10, ..AuditQuery::default() }).expect("audit"), entries);
-    assert_eq!(store.message("lobby", 1).expect("message"), Some(msg("lobby", 1, 10)));
+    assert_eq!(store.message("lobby", 1).expect("message"), None, "still deleted");
+    assert_eq!(store.message("lobby", 2).expect("message"), Some(msg("lobby", 2, 11)));
     assert_eq!(store.last_message_id("lobby").expect("last"), 2);
     let written = commit(
         &store,
