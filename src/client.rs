@@ -155,6 +155,8 @@ pub struct Client {
     last_rx: AtomicU64,
     /// Hub clock (ms) of the last ping sent.
     last_ping: AtomicU64,
+    /// When the request budget is next full again ([`Client::take_request`]).
+    requests_due: AtomicU64,
     /// The task serving this client (the upgrade's, then the connection's),
     /// so the sweeper can end a connection whose close handshake overran.
     task: Mutex<Option<AbortHandle>>,
@@ -178,6 +180,7 @@ impl Client {
             connected_at: now,
             last_rx: AtomicU64::new(0),
             last_ping: AtomicU64::new(0),
+            requests_due: AtomicU64::new(0),
             task: Mutex::new(None),
         }
     }
@@ -194,6 +197,24 @@ impl Client {
     /// The session id as sent in `welcome`.
     pub fn session_str(&self) -> String {
         format!("{:016x}", self.session)
+    }
+
+    /// Takes one request from the client's budget of `per_minute` requests,
+    /// up to `burst` at once (the generic cell rate algorithm, on the hub
+    /// clock `now`), or says how many milliseconds until one is available.
+    /// Only the connection's own task calls it.
+    pub fn take_request(&self, now: u64, per_minute: u32, burst: u32) -> Result<(), u64> {
+        if per_minute == 0 {
+            return Ok(());
+        }
+        let interval = 60_000 / u64::from(per_minute);
+        let tolerance = interval * u64::from(burst.saturating_sub(1));
+        let due = self.requests_due.load(Ordering::Relaxed).max(now);
+        if due - now > tolerance {
+            return Err(due - now - tolerance);
+        }
+        self.requests_due.store(due + interval, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Records that bytes arrived at hub clock `now`.

@@ -94,14 +94,17 @@ return {tostring(points), tostring(after), string.format('%d', since)}
 
 /// Claims a guest nickname for a connection. `KEYS`: the nicknames hash and
 /// the staff names set. `ARGV`: the folded nickname, the owner
-/// (`<node>:<conn>`), the prefix of heartbeat keys (`P:node:`), and the
-/// nickname's look-alike key (empty: not checked), and the claiming node.
+/// (`<node>:<conn>`), the prefix of heartbeat keys (`P:node:`), the
+/// nickname's look-alike keys, one per line (empty: not checked), and the
+/// claiming node.
 /// Returns 1 if the nickname is now the owner's (it was free, held by the
 /// claiming node, whose own map already settled it, or held by a node whose
 /// heartbeat key is gone), 0 if a connection of another live node holds it,
 /// 2 if it looks like a staff member's name.
 pub const CLAIM_NICK_SCRIPT: &str = r#"
-if ARGV[4] ~= '' and redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then return 2 end
+for look in string.gmatch(ARGV[4], '[^\n]+') do
+  if redis.call('SISMEMBER', KEYS[2], look) == 1 then return 2 end
+end
 local owner = redis.call('HGET', KEYS[1], ARGV[1])
 if owner and owner ~= ARGV[2] then
   local node = string.match(owner, '^([^:]*):')
@@ -433,10 +436,10 @@ pub enum NickOp {
         /// The connection that held it.
         conn: u64,
     },
-    /// Remember a staff member's look-alike key for every node.
+    /// Remember a staff member's look-alike keys for every node.
     Staff {
-        /// The key ([`crate::identity::impersonation_key`]).
-        look: String,
+        /// The keys ([`crate::identity::impersonation_keys`]).
+        looks: Vec<String>,
     },
 }
 
@@ -970,7 +973,7 @@ async fn nicknamer(cluster: Arc<Cluster>, hub: Weak<Hub>, mut ops: mpsc::Receive
                         .arg(crate::names::fold_nick(nick))
                         .arg(owner(client.id))
                         .arg(&heartbeats)
-                        .arg(crate::identity::impersonation_key(nick))
+                        .arg(crate::identity::impersonation_keys(nick).join("\n"))
                         .arg(&cluster.node);
                 }
                 NickOp::Assert { key, conn } => {
@@ -988,8 +991,8 @@ async fn nicknamer(cluster: Arc<Cluster>, hub: Weak<Hub>, mut ops: mpsc::Receive
                 NickOp::Release { key, conn } => {
                     pipe.cmd("EVALSHA").arg(release.get_hash()).arg(1).arg(&nicks).arg(key).arg(owner(*conn));
                 }
-                NickOp::Staff { look } => {
-                    pipe.sadd(&staff, look);
+                NickOp::Staff { looks } => {
+                    pipe.sadd(&staff, looks);
                 }
             }
         }

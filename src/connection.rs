@@ -551,6 +551,25 @@ impl Session {
                 "sign in first: send an `auth` frame with your token",
             ));
         }
+        if matches!(
+            request,
+            Request::Join { .. }
+                | Request::Leave { .. }
+                | Request::Nick { .. }
+                | Request::History { .. }
+                | Request::Report { .. }
+        ) {
+            let limits = &hub.policies().config.limits;
+            if let Err(wait) = client.take_request(hub.now(), limits.requests_per_minute, limits.requests_burst) {
+                return Err(RequestError {
+                    retry_after_ms: Some(wait),
+                    ..RequestError::new(
+                        ErrorCode::Policy("rate_limited".to_owned()),
+                        format!("too many `{}` requests; try again in {wait} ms", request.kind()),
+                    )
+                });
+            }
+        }
         match request {
             Request::Join { room } => hub.join(client, &room, reference),
             Request::Leave { room } => hub.leave(client, &room, reference),

@@ -32,7 +32,7 @@ use crate::client::{Client, ConnId, Identity, IdentityKind, Roles};
 use crate::cluster::{
     AckReady, Cluster, Effect, NickAnswer, NickClaim, NickOp, NickPurpose, PostRequest, PresenceKind, RemoteMember,
 };
-use crate::identity::impersonation_key;
+use crate::identity::impersonation_keys;
 use crate::lock;
 use crate::metrics::{Metrics, Snapshot};
 use crate::moderation::{Held, ModerationState};
@@ -614,13 +614,13 @@ impl Hub {
             }));
         }
         if identity.roles.is_staff() {
-            let look = impersonation_key(&identity.nick);
+            let looks = impersonation_keys(&identity.nick);
             if let Some(cluster) = &self.cluster
-                && cluster.queue_nick(NickOp::Staff { look: look.clone() }).is_err()
+                && cluster.queue_nick(NickOp::Staff { looks: looks.clone() }).is_err()
             {
                 tracing::warn!("a staff name was not shared with the cluster: the broker queue is full");
             }
-            self.moderation.note_staff_name(look);
+            self.moderation.note_staff_name(looks);
             self.send_pending_review(client);
         }
         client.set_identity(identity);
@@ -791,8 +791,7 @@ impl Hub {
     fn claim_nick(&self, id: ConnId, nick: &str, previous: Option<&str>) -> Result<(), RequestError> {
         let policies = self.policies();
         validate_nick(nick, &policies.config.nicknames).map_err(|m| RequestError::new(ErrorCode::InvalidNick, m))?;
-        let look = impersonation_key(nick);
-        if policies.auth.is_reserved(nick) || self.moderation.looks_like_staff(&look) {
+        if policies.auth.is_reserved(nick) || self.moderation.looks_like_staff(&impersonation_keys(nick)) {
             return Err(RequestError::new(
                 ErrorCode::InvalidNick,
                 format!("{nick:?} looks like the name of a staff member or a reserved name"),
@@ -1092,6 +1091,9 @@ impl Hub {
         reference: Option<&Ref>,
     ) -> Result<(), RequestError> {
         let room = client.room(name).ok_or_else(|| not_member(name))?;
+        if content.trim().is_empty() {
+            return Err(RequestError::new(ErrorCode::BadRequest, "a message needs some text; this one is empty"));
+        }
         let identity = client.identity();
         if self.cluster.as_ref().is_some_and(|c| !c.is_connected()) {
             return Err(cut_off());

@@ -110,7 +110,7 @@ impl Authenticator {
             issuer: auth.jwt_issuer.clone(),
             audience: auth.jwt_audience.clone(),
             grants,
-            reserved: auth.reserved_nicks.iter().map(|n| impersonation_key(n)).collect(),
+            reserved: auth.reserved_nicks.iter().flat_map(|n| impersonation_keys(n)).collect(),
         })
     }
 
@@ -166,7 +166,7 @@ impl Authenticator {
 
     /// Whether `nick` looks like a reserved name.
     pub fn is_reserved(&self, nick: &str) -> bool {
-        self.reserved.contains(&impersonation_key(nick))
+        impersonation_keys(nick).iter().any(|key| self.reserved.contains(key))
     }
 }
 
@@ -175,28 +175,50 @@ fn read_rsa_key(path: &Path) -> Result<DecodingKey, String> {
     DecodingKey::from_rsa_pem(&pem).map_err(|e| format!("{} is not an RSA public key in PEM: {e}", path.display()))
 }
 
-/// The key under which names that look alike compare equal: NFKC; each
-/// capital that passes for a Latin one (Greek `Μ`, Cyrillic `В`) replaced by
-/// that letter, every other letter in lower case; the UTS #39 confusable
-/// skeleton (`rn` ≈ `m`, Cyrillic `а` ≈ `a`, `1` ≈ `l`); then digits and
-/// `l`/`|` folded to the letters they pass for. `Adm1n`, `Аdmin` (Cyrillic
-/// А), `ADMlN`, `ΜOD` (Greek Μ) and `admin` share a key; so do `rnod` and
-/// `mod`. Capitals are resolved before lower-casing because the lower case
-/// of `Μ` or `В` (`μ`, `в`) passes for no Latin letter. Final sigma `ς`
-/// counts as `σ` (as in Unicode case folding): `str::to_lowercase` writes
-/// `ΣΑΣ` as `σας`, and a name must keep its key in any case.
-pub fn impersonation_key(name: &str) -> String {
-    let mut lower = String::with_capacity(name.len());
-    for c in name.nfkc() {
+/// The keys under which names that look alike compare equal: two names
+/// look alike when they share one. Both read the name in lower case after
+/// NFKC (so that case never changes them; final sigma `ς` counts as `σ`, as
+/// in Unicode case folding, since `str::to_lowercase` writes `ΣΑΣ` as
+/// `σας`):
+/// - each letter as it is, and
+/// - each letter as its capital, where that capital passes for a Latin
+///   letter: Greek `μ` as `Μ` (`m`), Cyrillic `в` as `В` (`b`). Written in
+///   capitals, `ΜOD` or `ADМIN` look like `MOD` and `ADMIN`, although their
+///   lower case (`μ`, `м`) passes for no Latin letter.
+///
+/// Each reading then goes through the UTS #39 confusable skeleton (`rn` ≈
+/// `m`, Cyrillic `а` ≈ `a`, `1` ≈ `l`) and has digits and `l`/`|` folded to
+/// the letters they pass for. `Adm1n`, `Аdmin` (Cyrillic А), `ADMlN`, `ΜOD`
+/// and `admin` share a key; so do `rnod` and `mod`. A name in Latin letters
+/// has a single key.
+pub fn impersonation_keys(name: &str) -> Vec<String> {
+    let sigma = |c| if c == '\u{3C2}' { '\u{3C3}' } else { c };
+    let lower: String = name.nfkc().flat_map(char::to_lowercase).map(sigma).collect();
+    let mut as_capitals = String::with_capacity(lower.len());
+    for c in lower.chars() {
+        let mut upper = c.to_uppercase();
         let mut buf = [0; 4];
-        let c_str: &str = c.encode_utf8(&mut buf);
-        if c.is_uppercase() && unicode_security::skeleton(c_str).all(|s| s.is_ascii()) {
-            lower.extend(unicode_security::skeleton(c_str).flat_map(char::to_lowercase));
-        } else {
-            lower.extend(c.to_lowercase().map(|c| if c == '\u{3C2}' { '\u{3C3}' } else { c }));
+        match (upper.next(), upper.next()) {
+            (Some(capital), None) if capital != c => {
+                let capital: &str = capital.encode_utf8(&mut buf);
+                if unicode_security::skeleton(capital).all(|s| s.is_ascii()) {
+                    as_capitals.extend(unicode_security::skeleton(capital).flat_map(char::to_lowercase));
+                } else {
+                    as_capitals.push(c);
+                }
+            }
+            _ => as_capitals.push(c),
         }
     }
-    unicode_security::skeleton(&lower)
+    let mut keys = vec![look_alike_key(&lower), look_alike_key(&as_capitals)];
+    keys.dedup();
+    keys
+}
+
+/// The confusable skeleton of a lower-case name, with digits and `l`/`|`
+/// folded to the letters they pass for.
+fn look_alike_key(lower: &str) -> String {
+    unicode_security::skeleton(lower)
         .flat_map(char::to_lowercase)
         .filter(|c| c.is_alphanumeric())
         .map(|c| match c {
@@ -263,15 +285,22 @@ mod tests {
         assert!(matches!(a.verify(&guest), Err(AuthError::Invalid(_))));
     }
 
+    /// Whether two names share a look-alike key.
+    fn alike(a: &str, b: &str) -> bool {
+        let b = impersonation_keys(b);
+        impersonation_keys(a).iter().any(|key| b.contains(key))
+    }
+
     #[test]
     fn look_alike_names_share_a_key() {
-        let admin = impersonation_key("admin");
+        assert_eq!(impersonation_keys("admin").len(), 1, "Latin letters: one key");
         for disguise in ["Adm1n", "\u{410}dmin", "ADMIN", "AdmIn", "adm|n", "ａｄｍｉｎ"] {
-            assert_eq!(impersonation_key(disguise), admin, "{disguise:?}");
+            assert!(alike(disguise, "admin"), "{disguise:?}");
         }
-        assert_eq!(impersonation_key("rnod"), impersonation_key("mod"));
-        assert_eq!(impersonation_key("RNOD"), impersonation_key("mod"));
-        // Capitals that pass for Latin ones while their lower case does not.
+        assert!(alike("rnod", "mod"));
+        assert!(alike("RNOD", "mod"));
+        // Capitals that pass for Latin ones while their lower case does not,
+        // and lower case that passes for other Latin letters than its capital.
         for (disguise, name) in [
             ("\u{39C}OD", "mod"),             // Greek Μ
             ("AD\u{41C}IN", "admin"),         // Cyrillic М
@@ -279,10 +308,14 @@ mod tests {
             ("\u{392}oss", "boss"),           // Greek Β
             ("\u{412}OSS", "boss"),           // Cyrillic В
             ("\u{41C}ara", "Mara"),           // Cyrillic М
+            ("\u{3C5}ser", "user"),           // Greek υ (its capital Υ passes for Y)
         ] {
-            assert_eq!(impersonation_key(disguise), impersonation_key(name), "{disguise:?} as {name:?}");
+            assert!(alike(disguise, name), "{disguise:?} as {name:?}");
         }
-        assert_eq!(impersonation_key("ΣΑΣ"), impersonation_key("σας"), "final sigma");
-        assert_ne!(impersonation_key("alice"), impersonation_key("bob"));
+        for name in ["ΣΑΣ", "ΜOD", "ΟΔΥΣΣΕΥΣ", "Вoss"] {
+            assert_eq!(impersonation_keys(name), impersonation_keys(&name.to_lowercase()), "{name:?}");
+        }
+        assert!(alike("ΣΑΣ", "σας"), "final sigma");
+        assert!(!alike("alice", "bob"));
     }
 }

@@ -226,9 +226,11 @@ impl ModerationState {
         lock(&self.inner).strikes.insert(user_id.to_owned(), strikes);
     }
 
-    /// Whether `nick` looks like a staff member's name seen so far.
-    pub fn looks_like_staff(&self, key: &str) -> bool {
-        lock(&self.inner).staff_names.contains(key)
+    /// Whether a name with these look-alike keys looks like a staff
+    /// member's name seen so far.
+    pub fn looks_like_staff(&self, keys: &[String]) -> bool {
+        let inner = lock(&self.inner);
+        keys.iter().any(|key| inner.staff_names.contains(key))
     }
 
     /// Remembers the address of a guest who disconnected (the last
@@ -246,9 +248,10 @@ impl ModerationState {
         lock(&self.inner).departed_guests.iter().rev().find(|(id, _)| id == user_id).map(|(_, addr)| *addr)
     }
 
-    /// Remembers a staff member's name, so guests cannot imitate it.
-    pub fn note_staff_name(&self, key: String) {
-        lock(&self.inner).staff_names.insert(key);
+    /// Remembers a staff member's name (its look-alike keys), so guests
+    /// cannot imitate it.
+    pub fn note_staff_name(&self, keys: Vec<String>) {
+        lock(&self.inner).staff_names.extend(keys);
     }
 
     /// Brings bans, mutes and room settings up to date with the store, for
@@ -510,7 +513,16 @@ impl Hub {
         reporter: Option<&Identity>,
         request: Request,
     ) -> Result<Vec<Write>, RequestError> {
+        if let Some(user) = request.target().filter(|target| target.trim().is_empty()) {
+            return Err(RequestError::new(
+                ErrorCode::BadRequest,
+                format!("{user:?} is not a user id, address or network"),
+            ));
+        }
         let writes = match request {
+            Request::Report { reason, .. } if reason.trim().is_empty() => {
+                return Err(RequestError::new(ErrorCode::BadRequest, "a report needs a reason"));
+            }
             Request::Report { room, id, reason } => match reporter {
                 Some(reporter) => self.report(reporter, &room, id, &reason)?,
                 None => return Err(RequestError::new(ErrorCode::BadRequest, "reports come from users")),

@@ -323,13 +323,20 @@ fn parse_message_frame(text: &str) -> Option<ClientFrame> {
     if frame.kind != "message" {
         return None;
     }
-    let reference = match frame.reference {
-        None => None,
-        Some(Value::String(s)) if s.len() <= MAX_REF_BYTES => Some(Ref(Value::String(s))),
-        Some(n @ Value::Number(_)) => Some(Ref(n)),
-        Some(_) => return None,
-    };
+    let reference = reference(frame.reference).ok()?;
     Some(ClientFrame { reference, request: Request::Message { room: frame.room, content: frame.content } })
+}
+
+/// A frame's `ref`: absent or null, an integer that fits 64 bits (a float,
+/// or an integer too large, would not come back as sent), or a string of
+/// at most [`MAX_REF_BYTES`] bytes.
+fn reference(value: Option<Value>) -> Result<Option<Ref>, ()> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.len() <= MAX_REF_BYTES => Ok(Some(Ref(Value::String(s)))),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(Ref(Value::Number(n)))),
+        Some(_) => Err(()),
+    }
 }
 
 /// Parses any client frame, and says precisely what is wrong with one that
@@ -340,13 +347,8 @@ fn parse_any_frame(text: &str) -> Result<ClientFrame, RequestError> {
     let Some(object) = value.as_object_mut() else {
         return Err(bad("a frame must be a JSON object with a `type` field".to_owned()));
     };
-    let reference = match object.remove("ref") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= MAX_REF_BYTES => Some(Ref(Value::String(s))),
-        Some(n @ Value::Number(_)) => Some(Ref(n)),
-        Some(_) => {
-            return Err(bad(format!("`ref` must be an integer or a string of at most {MAX_REF_BYTES} bytes")));
-        }
+    let Ok(reference) = reference(object.remove("ref")) else {
+        return Err(bad(format!("`ref` must be an integer (64-bit) or a string of at most {MAX_REF_BYTES} bytes")));
     };
     let with_ref = |mut e: RequestError| {
         e.reference = reference.clone();
@@ -703,6 +705,23 @@ mod tests {
         assert_eq!(frame.request, Request::Message { room: "lobby".into(), content: "hi".into() });
         let frame = parse_client_frame(r#"{"type":"history","room":"a","before":10}"#).unwrap();
         assert_eq!(frame.request, Request::History { room: "a".into(), before: Some(10), limit: None });
+        for (json, reference) in [("-5", Value::from(-5)), ("18446744073709551615", Value::from(u64::MAX))] {
+            for kind in [r#""type":"message","room":"a","content":"hi""#, r#""type":"leave","room":"a""#] {
+                let frame = parse_client_frame(&format!("{{{kind},\"ref\":{json}}}")).unwrap();
+                assert_eq!(frame.reference, Some(Ref(reference.clone())), "{kind} {json}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_ref_that_would_not_come_back_as_sent_is_refused() {
+        for json in ["1.5", "1e300", "123456789012345678901234567890", "[1]", "true"] {
+            for kind in [r#""type":"message","room":"a","content":"hi""#, r#""type":"leave","room":"a""#] {
+                let e = parse_err(&format!("{{{kind},\"ref\":{json}}}"));
+                assert_eq!(e.code, ErrorCode::BadRequest, "{kind} {json}");
+                assert!(e.message.contains("`ref` must be an integer"), "{}", e.message);
+            }
+        }
     }
 
     #[test]

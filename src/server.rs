@@ -215,7 +215,9 @@ where
         tracing::debug!(error = %e, "set_nodelay failed");
     }
     let service = service_fn(move |mut request: http::Request<Incoming>| {
-        if request.headers().contains_key(http::header::UPGRADE) {
+        // hyper upgrades HTTP/1.1 only; an HTTP/1.0 request gets no slot,
+        // and so a 400 instead of a 101 on a connection that then ends.
+        if request.version() == http::Version::HTTP_11 && request.headers().contains_key(http::header::UPGRADE) {
             let on_upgrade = hyper::upgrade::on(&mut request);
             request.extensions_mut().insert(UpgradeSlot::new(on_upgrade));
         }

@@ -155,7 +155,7 @@ fn upgrade(
         Err(_) => return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request"),
     };
     let Some(on_upgrade) = slot.and_then(|slot| slot.take()) else {
-        return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request");
+        return plain(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1");
     };
     let Ok(accept) = HeaderValue::from_str(&accept) else {
         return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request");

@@ -240,3 +240,68 @@ async fn requests_sent_with_the_upgrade_request_are_answered_after_the_welcome()
     }
     assert_eq!(kinds, ["welcome", "joined", "message", "ack"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_churning_nicknames_and_rooms_is_held_to_its_request_budget() {
+    // 6 a minute (one per 10 s) with a burst of 5.
+    let server = TestServer::with_toml("[limits]\nrequests_per_minute = 6\nrequests_burst = 5\n").await;
+    let mut churner = server.client("Churner").await;
+    let mut bystander = server.client("Bystander").await;
+    churner.join("lobby").await;
+    bystander.join("lobby").await;
+    assert_eq!(churner.recv().await["event"], "join");
+    // The churner's join took one of the five.
+    let mut renamed = 0;
+    let mut limited = Vec::new();
+    for i in 0..10 {
+        churner.send(json!({"type": "nick", "nick": format!("Churner{i}"), "ref": i})).await;
+        let answer = churner.recv().await;
+        match answer["type"].as_str() {
+            Some("renamed") => renamed += 1,
+            Some("error") => limited.push(answer),
+            _ => panic!("unexpected {answer}"),
+        }
+    }
+    assert_eq!(renamed, 4, "{limited:?}");
+    assert_eq!(limited.len(), 6);
+    for error in &limited {
+        assert_eq!(error["code"], "rate_limited", "{error}");
+        let wait = error["retry_after_ms"].as_u64().expect("retry_after_ms");
+        assert!((1..=10_000).contains(&wait), "{error}");
+    }
+    assert_eq!(limited[0]["ref"], 4);
+    // The bystander saw only the four renames, and can still chat.
+    for i in 0..4 {
+        let presence = bystander.recv().await;
+        assert_eq!(
+            (presence["event"].as_str(), presence["user"]["nick"].as_str()),
+            (Some("nick"), Some(&*format!("Churner{i}")))
+        );
+    }
+    bystander.post("lobby", "still here").await;
+    // Messages are not requests of this budget.
+    let message = churner.recv().await;
+    assert_eq!(message["content"], "still here", "{message}");
+    churner.post("lobby", "me too").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_message_is_refused_and_not_delivered() {
+    let server = TestServer::start().await;
+    let mut alice = server.client("Alice").await;
+    let mut bob = server.client("Bob").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
+    assert_eq!(alice.recv().await["event"], "join");
+    for content in ["", "   ", "\n\t \u{3000}"] {
+        alice.send(json!({"type": "message", "room": "lobby", "content": content, "ref": 1})).await;
+        let error = alice.recv().await;
+        assert_eq!(
+            (error["code"].as_str(), error["ref"].as_u64()),
+            (Some("bad_request"), Some(1)),
+            "{content:?}: {error}"
+        );
+    }
+    alice.post("lobby", "hello").await;
+    assert_eq!(bob.recv().await["content"], "hello", "Bob got nothing before it");
+}

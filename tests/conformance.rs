@@ -25,8 +25,9 @@ use tokio::net::TcpStream;
 
 /// Limits high enough for Autobahn's largest messages (64 KiB frames, a
 /// 256 KiB message in 7.1.6), and for one connection joining a fresh room
-/// per probe; `normal` sync keeps the `message` cases fast.
-const CONFIG: &str = "[limits]\nmax_frame_bytes = 1048576\nmax_message_bytes = 1048576\n\n\
+/// per probe (no request budget); `normal` sync keeps the `message` cases
+/// fast.
+const CONFIG: &str = "[limits]\nmax_frame_bytes = 1048576\nmax_message_bytes = 1048576\nrequests_per_minute = 0\n\n\
                       [rooms]\nmax_rooms_per_connection = 1000\n\n\
                       [store]\nsynchronous = \"normal\"\n";
 
@@ -578,6 +579,25 @@ async fn upgrade_response_head(addr: SocketAddr, extra_headers: &str) -> String 
         head.push(byte[0]);
     }
     String::from_utf8(head).expect("the response head is text")
+}
+
+/// hyper upgrades only HTTP/1.1 connections: an HTTP/1.0 upgrade request
+/// gets a 400 that says so, not a 101 on a connection that then ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_upgrade_request_is_refused_with_400() {
+    let server = server().await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    let request = format!(
+        "GET /ws HTTP/1.0\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    );
+    stream.write_all(request.as_bytes()).await.expect("send the upgrade request");
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response)).await.expect("response in time").expect("read");
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.0 400"), "{text}");
+    assert!(text.ends_with("a WebSocket upgrade needs HTTP/1.1"), "{text}");
 }
 
 /// No extension is negotiated, even when the client offers

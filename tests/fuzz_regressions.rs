@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::SystemTime;
 
 use wardroom::filters::normalize::normalize;
-use wardroom::identity::impersonation_key;
+use wardroom::identity::impersonation_keys;
 use wardroom::names::{fold_nick, validate_nick};
 use wardroom::pipeline::FilterStates;
 use wardroom::policy::Policies;
@@ -94,14 +94,14 @@ fn dropped_characters_between_letters_do_not_change_the_normalised_text() {
 /// the valid nickname "ΣΑΣ" and its folded form "σας" (`str::to_lowercase`
 /// writes a final sigma) had different look-alike keys, so a staff member
 /// called "σας" could be impersonated by "ΣΑΣ". Fixed in
-/// `impersonation_key`: final sigma counts as σ.
+/// `impersonation_key` (now `impersonation_keys`): final sigma counts as σ.
 #[test]
 fn a_nickname_and_its_folded_form_share_a_look_alike_key() {
     let rules = wardroom::config::NicknamesConfig::default();
     for nick in ["ΣΑΣ", "ΟΔΥΣΣΕΥΣ", "Σ1Σ", "aΣ"] {
         let folded = fold_nick(nick);
         assert!(validate_nick(nick, &rules).is_ok(), "{nick:?}");
-        assert_eq!(impersonation_key(nick), impersonation_key(&folded), "{nick:?} folds to {folded:?}");
+        assert_eq!(impersonation_keys(nick), impersonation_keys(&folded), "{nick:?} folds to {folded:?}");
     }
-    assert_eq!(impersonation_key("σας"), impersonation_key("σασ"));
+    assert_eq!(impersonation_keys("σας"), impersonation_keys("σασ"));
 }

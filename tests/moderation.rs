@@ -482,6 +482,14 @@ async fn durations_out_of_range_and_deleted_messages_are_refused() {
     assert_eq!(error["code"], "not_found", "a second delete: {error}");
     let error = refused(&mut guest, json!({"type": "report", "room": "lobby", "id": id, "reason": "rude"})).await;
     assert_eq!(error["code"], "not_found", "a report of a deleted message: {error}");
+    let kept = guest.post("lobby", "still here").await["id"].as_u64().unwrap();
+    let error = refused(&mut guest, json!({"type": "report", "room": "lobby", "id": kept, "reason": " "})).await;
+    assert_eq!(
+        (error["code"].as_str(), error["message"].as_str()),
+        (Some("bad_request"), Some("a report needs a reason"))
+    );
+    let error = refused(&mut moderator, json!({"type": "ban", "user": "", "reason": "nobody"})).await;
+    assert_eq!(error["code"], "bad_request", "{error}");
     let deletions = admin_get(&server, "/admin/audit?actor=mod-1").await;
     assert_eq!(deletions.as_array().unwrap().iter().filter(|e| e["action"] == "delete").count(), 1, "{deletions}");
 }

@@ -1,5 +1,5 @@
 //! Nickname rules on arbitrary strings: `validate_nick`, `fold_nick` and
-//! `identity::impersonation_key` never panic, and agree with each other:
+//! `identity::impersonation_keys` never panic, and agree with each other:
 //! - a valid nickname has `min_chars..=max_chars` characters, the first a
 //!   letter or digit;
 //! - folding is stable (`fold(fold(x)) == fold(x)`);
@@ -11,7 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use wardroom::config::NicknamesConfig;
-use wardroom::identity::impersonation_key;
+use wardroom::identity::impersonation_keys;
 use wardroom::names::{fold_nick, validate_nick};
 
 fuzz_target!(|data: &[u8]| {
@@ -22,9 +22,13 @@ fuzz_target!(|data: &[u8]| {
         assert!((rules.min_chars..=rules.max_chars).contains(&chars), "{nick:?}");
         assert!(nick.chars().next().is_some_and(char::is_alphanumeric), "{nick:?}");
         let folded = fold_nick(nick);
-        assert_eq!(impersonation_key(nick), impersonation_key(&folded), "case changes the look-alike key of {nick:?}");
+        assert_eq!(
+            impersonation_keys(nick),
+            impersonation_keys(&folded),
+            "case changes the look-alike keys of {nick:?}"
+        );
     }
     let folded = fold_nick(nick);
     assert_eq!(fold_nick(&folded), folded, "folding {nick:?} is not stable");
-    let _ = impersonation_key(nick);
+    let _ = impersonation_keys(nick);
 });

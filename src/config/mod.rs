@@ -302,11 +302,22 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Frames that may wait for one client before it is closed as a slow consumer.
     pub outbound_queue: usize,
+    /// Requests other than messages (`join`, `leave`, `nick`, `history`,
+    /// `report`) one connection may make per minute, sustained; 0 for no limit.
+    pub requests_per_minute: u32,
+    /// How many of those requests may come at once.
+    pub requests_burst: u32,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_frame_bytes: 16 * 1024, max_message_bytes: 16 * 1024, outbound_queue: 1024 }
+        Self {
+            max_frame_bytes: 16 * 1024,
+            max_message_bytes: 16 * 1024,
+            outbound_queue: 1024,
+            requests_per_minute: 120,
+            requests_burst: 40,
+        }
     }
 }
 
@@ -477,6 +488,16 @@ impl Config {
             (1..=1_000_000).contains(&limits.outbound_queue),
             "limits.outbound_queue",
             format!("must be between 1 and 1000000, got {}", limits.outbound_queue),
+        );
+        check(
+            limits.requests_per_minute <= 60_000,
+            "limits.requests_per_minute",
+            format!("must be at most 60000 (0 for no limit), got {}", limits.requests_per_minute),
+        );
+        check(
+            limits.requests_burst >= 1,
+            "limits.requests_burst",
+            format!("must be at least 1, got {}", limits.requests_burst),
         );
 
         let rooms = &self.rooms;
