@@ -16,7 +16,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::client::{Client, Identity};
+use crate::client::{Client, Identity, Reply};
 use crate::cluster::Effect;
 use crate::hub::{Hub, json_of};
 use crate::lock;
@@ -394,9 +394,9 @@ impl Hub {
                 reference: reference.cloned(),
                 ..RequestError::new(ErrorCode::Forbidden, format!("`{action}` is for moderators"))
             };
-            let client = client.clone();
+            let reply = Reply::new(client, 1);
             self.commit_then(vec![write], move |_| {
-                client.outbox.push(error.to_frame());
+                reply.send(error.to_frame());
             });
             return Ok(());
         }
@@ -407,11 +407,11 @@ impl Hub {
             _ => None,
         });
         let done = encode(&ServerFrame::Done { action, reference });
-        let client = client.clone();
+        let reply = Reply::new(client, 1);
         let hub = self.self_ref();
         self.commit_then(writes, move |result| match result {
             Ok(results) => {
-                client.outbox.push(done);
+                reply.send(done);
                 if let (Some((index, item)), Some(hub)) = (new_item, hub.upgrade()) {
                     let id = match results.get(index) {
                         Some(Written::Id(id)) => *id,
@@ -422,7 +422,7 @@ impl Hub {
                 }
             }
             Err(e) => {
-                client.outbox.push(RequestError::new(ErrorCode::Unavailable, format!("not recorded: {e}")).to_frame());
+                reply.send(RequestError::new(ErrorCode::Unavailable, format!("not recorded: {e}")).to_frame());
             }
         });
         Ok(())
@@ -821,12 +821,12 @@ impl Hub {
             Write::Review(item.clone()),
             audit(&actor, "hold", Some(item.user_id.clone()), Some(room), reason, None),
         ];
-        let (client, room, reason, reference) =
-            (client.clone(), room.to_owned(), reason.to_owned(), reference.cloned());
+        let (reply, room, reason, reference) =
+            (Reply::new(client, 1), room.to_owned(), reason.to_owned(), reference.cloned());
         let hub = self.self_ref();
         self.commit_then(writes, move |result| {
             let Ok(results) = result else {
-                client.outbox.push(
+                reply.send(
                     RequestError::new(ErrorCode::Unavailable, "the message could not be queued for review").to_frame(),
                 );
                 return;
@@ -835,12 +835,7 @@ impl Hub {
                 Some(Written::Id(id)) => *id,
                 _ => 0,
             };
-            client.outbox.push(encode(&ServerFrame::Held {
-                room: &room,
-                id,
-                reason: &reason,
-                reference: reference.as_ref(),
-            }));
+            reply.send(encode(&ServerFrame::Held { room: &room, id, reason: &reason, reference: reference.as_ref() }));
             if let Some(hub) = hub.upgrade() {
                 let item = ReviewItem { id, ..item };
                 hub.effect(Effect::ToStaff { frame: json_of(&encode(&ServerFrame::Review { item: &item })) });
