@@ -8,12 +8,13 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use serde::ser::{Serialize, SerializeSeq, Serializer};
 use tokio::task::AbortHandle;
 
 use crate::hub::Room;
 use crate::lock;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Pushed};
 use crate::protocol::UserView;
 
 /// Identifies a connection for the lifetime of the process.
@@ -260,5 +261,63 @@ impl Client {
     /// Whether the client is in `room`.
     pub fn room(&self, name: &str) -> Option<Arc<Room>> {
         lock(&self.rooms).iter().find(|r| r.name() == name).cloned()
+    }
+}
+
+/// Frames a request will put in its client's outbox later, once what it
+/// waits for happens: a message's `ack` after the commit (and, in a cluster,
+/// its echo from the broker), a moderator's `done`, `held`, a nickname the
+/// broker granted, or the error that replaces any of them.
+///
+/// Until then they count toward the backlog at which the client's reader
+/// pauses ([`Outbox::backlog`]), so however many requests a client pipelines,
+/// their replies fit in its queue. Made where the request is handled (on the
+/// client's own connection task); dropping it releases what was not sent,
+/// so a reply given up (a callback dropped at shutdown, say) cannot leave the
+/// reader paused.
+#[derive(Debug)]
+pub struct Reply {
+    /// Who waits.
+    client: Arc<Client>,
+    /// Frames still promised.
+    frames: usize,
+}
+
+impl Reply {
+    /// Promises `frames` frames to `client`.
+    pub fn new(client: &Arc<Client>, frames: usize) -> Reply {
+        client.outbox.promise(frames);
+        Reply { client: client.clone(), frames }
+    }
+
+    /// Queues `frame` as the reply's last frame, releasing the promise.
+    pub fn send(mut self, frame: Bytes) -> Pushed {
+        let frames = std::mem::take(&mut self.frames);
+        self.client.outbox.push_releasing(frame, frames)
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if self.frames > 0 {
+            self.client.outbox.release(self.frames);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_is_promised_until_sent_or_dropped() {
+        let client = Arc::new(Client::new(1, 1, IpAddr::from([127, 0, 0, 1]), 8, 0));
+        let sent = Reply::new(&client, 2);
+        let dropped = Reply::new(&client, 1);
+        assert_eq!(client.outbox.backlog(), 3);
+        assert_eq!(sent.send(Bytes::from_static(b"ack")), Pushed::Queued);
+        assert_eq!((client.outbox.len(), client.outbox.backlog()), (1, 2));
+        drop(dropped);
+        assert_eq!(client.outbox.backlog(), 1);
     }
 }

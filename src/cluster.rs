@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::client::{Client, Roles};
+use crate::client::{Client, Reply, Roles};
 use crate::config::ClusterConfig;
 use crate::hub::Hub;
 use crate::lock;
@@ -400,6 +400,8 @@ pub enum NickPurpose {
     Change {
         /// The request's `ref`.
         reference: Option<Ref>,
+        /// The answer, promised to the connection meanwhile.
+        reply: Reply,
     },
 }
 
@@ -466,21 +468,22 @@ pub struct PostRequest {
     pub user_id: String,
     /// Acceptance time.
     pub ts: u64,
-    /// Identifies the post on this node; its ack waits in [`Cluster`].
+    /// Identifies an author's post on this node (0 for none): its reply
+    /// waits in [`Cluster`].
     pub token: u64,
-    /// The author's connection, told if the post fails.
-    pub client: Option<Arc<Client>>,
     /// Runs once the id is known (to flag the message to moderators).
     pub on_id: Option<crate::hub::OnId>,
 }
 
-/// An `ack` waiting for its message to be committed and delivered back.
+/// An author's post waiting for its message to be committed and delivered
+/// back (its echo), to send its `ack` if it has a `ref`.
 #[derive(Debug)]
 struct PendingAck {
-    /// Who waits.
-    client: Arc<Client>,
-    /// The message's `ref`.
-    reference: Ref,
+    /// Who waits: the echo and the ack are promised to the author until
+    /// then, so that its reader does not run ahead of them.
+    reply: Reply,
+    /// The message's `ref`, if it has one.
+    reference: Option<Ref>,
     /// Room name.
     room: Arc<str>,
     /// Acceptance time.
@@ -496,12 +499,13 @@ struct PendingAck {
 /// What an ack waiting in the cluster turned into.
 #[derive(Debug)]
 pub enum AckReady {
-    /// The message is committed and delivered: send `ack`.
+    /// The message is committed and delivered: send `ack` (if it has a
+    /// `ref`).
     Ack {
         /// Who waits.
-        client: Arc<Client>,
+        reply: Reply,
         /// The `ref`.
-        reference: Ref,
+        reference: Option<Ref>,
         /// Room name.
         room: Arc<str>,
         /// The id.
@@ -509,12 +513,12 @@ pub enum AckReady {
         /// Acceptance time.
         ts: u64,
     },
-    /// The commit failed: send an `unavailable` error.
+    /// The commit failed: send an `unavailable` error (if it has a `ref`).
     Failed {
         /// Who waits.
-        client: Arc<Client>,
+        reply: Reply,
         /// The `ref`.
-        reference: Ref,
+        reference: Option<Ref>,
         /// The id.
         id: u64,
         /// Why.
@@ -548,7 +552,7 @@ pub struct Cluster {
     receivers: Mutex<Option<Receivers>>,
     /// Nickname claims and releases for the nickname task.
     nicks: mpsc::Sender<NickOp>,
-    /// Acks waiting for their message, by token.
+    /// Authors' posts waiting for their message, by token.
     pending: Mutex<HashMap<u64, PendingAck>>,
     /// Source of post tokens (0 means nobody waits).
     next_token: AtomicU64,
@@ -696,14 +700,15 @@ impl Cluster {
         format!("{}:nicks", self.prefix)
     }
 
-    /// Queues a post; its ack (if `waiting` has one) is held until the
-    /// message is committed and has come back from the broker.
-    pub fn post(&self, mut request: PostRequest, waiting: Option<(Arc<Client>, Ref)>) -> Result<(), QueueFull> {
-        if let Some((client, reference)) = waiting {
+    /// Queues a post. An author's post (`waiting`: the reply promised to
+    /// the author, and the `ref`) is held until the message is committed
+    /// and has come back from the broker; then its ack is due.
+    pub fn post(&self, mut request: PostRequest, waiting: Option<(Reply, Option<Ref>)>) -> Result<(), QueueFull> {
+        if let Some((reply, reference)) = waiting {
             let token = self.next_token.fetch_add(1, Ordering::Relaxed);
             request.token = token;
             let ack = PendingAck {
-                client,
+                reply,
                 reference,
                 room: request.room.clone(),
                 ts: request.ts,
@@ -720,10 +725,10 @@ impl Cluster {
         })
     }
 
-    /// Forgets a post that failed (its author is told by the caller);
-    /// returns its `ref`.
-    pub fn forget(&self, token: u64) -> Option<Ref> {
-        lock(&self.pending).remove(&token).map(|ack| ack.reference)
+    /// Forgets a post that failed; returns its author's reply and `ref`,
+    /// for the caller to tell the author.
+    pub fn forget(&self, token: u64) -> Option<(Reply, Option<Ref>)> {
+        lock(&self.pending).remove(&token).map(|ack| (ack.reply, ack.reference))
     }
 
     /// Records the id Redis gave a waiting post.
@@ -893,8 +898,8 @@ fn take_if_due(pending: &mut HashMap<u64, PendingAck>, token: u64) -> Option<Ack
     let ack = pending.remove(&token)?;
     let id = ack.id?;
     Some(match ack.committed {
-        Some(Err(reason)) => AckReady::Failed { client: ack.client, reference: ack.reference, id, reason },
-        _ => AckReady::Ack { client: ack.client, reference: ack.reference, room: ack.room, id, ts: ack.ts },
+        Some(Err(reason)) => AckReady::Failed { reply: ack.reply, reference: ack.reference, id, reason },
+        _ => AckReady::Ack { reply: ack.reply, reference: ack.reference, room: ack.room, id, ts: ack.ts },
     })
 }
 
@@ -1358,8 +1363,8 @@ mod tests {
         let reference = frame.ok().and_then(|f| f.reference).expect("a ref");
         let mut pending = HashMap::new();
         let ack = |delivered, committed| PendingAck {
-            client: client.clone(),
-            reference: reference.clone(),
+            reply: Reply::new(&client, 2),
+            reference: Some(reference.clone()),
             room: "lobby".into(),
             ts: 5,
             id: Some(7),

@@ -12,8 +12,10 @@
 //! - the reader waits for readability, reads into a per-thread scratch buffer
 //!   (an idle connection owns no read buffer), parses frames and acts on them.
 //!   It never waits for the writer, except by design: while the client's own
-//!   outbox is at least half full, the reader pauses, so a client that sends
-//!   faster than it reads is slowed by TCP instead of buffered without bound.
+//!   outbox is at least half full, counting the replies its requests still
+//!   owe it (`Outbox::backlog`), the reader pauses, so a client that sends
+//!   faster than it reads is slowed by TCP instead of buffered without bound,
+//!   and the replies to what it pipelined always fit in its queue.
 //!   It also pauses after `REQUESTS_PER_POLL` requests and yields the
 //!   worker thread, so a client that keeps requests in flight (history
 //!   pages, say) is served in turn with everyone else rather than first.
@@ -124,7 +126,7 @@ pub async fn upgrade(
         close_taken: false,
         close_written: false,
         lingering: false,
-        pause_at: pause_threshold(limits.outbound_queue),
+        pause_at: pause_threshold(client.outbox.capacity()),
         _ticket: ticket,
     };
     if !parts.read_buf.is_empty() {
@@ -203,7 +205,7 @@ pub struct Connection {
     /// After failing the connection: our side is shut, the client's input
     /// is drained until it closes, so it reads our Close frame, not a reset.
     lingering: bool,
-    /// Outbox length at which the reader pauses.
+    /// Outbox backlog at which the reader pauses.
     pause_at: u32,
     /// The connection's admission slots, freed when it ends.
     _ticket: Option<Ticket>,
@@ -279,9 +281,11 @@ impl Connection {
                 return self.owe_write(cx, may_write);
             }
             if self.paused {
-                if self.session.client.outbox.len() >= self.pause_at as usize {
-                    // The writer must drain the outbox first; if it is
-                    // blocked on the socket, it will wake us.
+                if self.session.client.outbox.backlog() >= self.pause_at as usize {
+                    // The writer must drain the outbox first (if it is
+                    // blocked on the socket, it will wake us), and promised
+                    // replies must arrive (queuing or releasing them wakes
+                    // us through the outbox).
                     return self.owe_write(cx, may_write);
                 }
                 if self.budget == 0 {
@@ -413,7 +417,6 @@ impl Connection {
         // Limits follow the running config: a reload applies to open connections.
         let limits = &self.session.hub.policies().config.limits;
         self.reader.set_limits(limits.max_frame_bytes, limits.max_message_bytes);
-        self.pause_at = pause_threshold(limits.outbound_queue);
         let (session, pause_at, budget) = (&self.session, self.pause_at as usize, &mut self.budget);
         let result = self.reader.feed(data, |event| session.on_event(event, pause_at, budget));
         self.after_feed(result);
@@ -447,7 +450,8 @@ fn yield_now(cx: &mut Context<'_>) -> Poll<ReadEnd> {
     Poll::Pending
 }
 
-/// Outbox length at which a connection's reader pauses: half the queue.
+/// Outbox backlog at which a connection's reader pauses: half its queue
+/// (the queue it started with: a reload does not resize open outboxes).
 fn pause_threshold(outbound_queue: usize) -> u32 {
     u32::try_from(outbound_queue / 2).unwrap_or(u32::MAX).max(1)
 }
@@ -495,8 +499,9 @@ struct Session {
 }
 
 impl Session {
-    /// Acts on one event; pauses reading once the client's outbox holds
-    /// `pause_at` frames or the poll's request `budget` is spent.
+    /// Acts on one event; pauses reading once the client's outbox backlog
+    /// (queued and promised frames) is `pause_at` or the poll's request
+    /// `budget` is spent.
     fn on_event(&self, event: Event<'_>, pause_at: usize, budget: &mut u32) -> Flow {
         let closing = self.client.outbox.closing_since().is_some();
         match event {
@@ -523,7 +528,7 @@ impl Session {
                 self.on_text(text);
             }
         }
-        if self.client.outbox.len() >= pause_at || *budget == 0 { Flow::Pause } else { Flow::Continue }
+        if self.client.outbox.backlog() >= pause_at || *budget == 0 { Flow::Pause } else { Flow::Continue }
     }
 
     fn on_text(&self, text: &str) {
@@ -551,14 +556,18 @@ impl Session {
                 "sign in first: send an `auth` frame with your token",
             ));
         }
-        if matches!(
-            request,
+        // Every request but messages (which the `rate` filter limits) draws
+        // on the connection's budget; staff's moderation requests do not.
+        let budgeted = match request {
+            Request::Message { .. } => false,
             Request::Join { .. }
-                | Request::Leave { .. }
-                | Request::Nick { .. }
-                | Request::History { .. }
-                | Request::Report { .. }
-        ) {
+            | Request::Leave { .. }
+            | Request::Nick { .. }
+            | Request::History { .. }
+            | Request::Report { .. } => true,
+            _ => !client.identity().roles.is_staff(),
+        };
+        if budgeted {
             let limits = &hub.policies().config.limits;
             if let Err(wait) = client.take_request(hub.now(), limits.requests_per_minute, limits.requests_burst) {
                 return Err(RequestError {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::client::{Client, ConnId, Identity, IdentityKind, Roles};
+use crate::client::{Client, ConnId, Identity, IdentityKind, Reply, Roles};
 use crate::cluster::{
     AckReady, Cluster, Effect, NickAnswer, NickClaim, NickOp, NickPurpose, PostRequest, PresenceKind, RemoteMember,
 };
@@ -557,20 +557,22 @@ impl Hub {
                     self.welcome_guest(&client, claim.nick, error);
                 }
             }
-            (NickAnswer::Claimed, NickPurpose::Change { reference }) => {
+            (NickAnswer::Claimed, NickPurpose::Change { reference, reply }) => {
                 let previous = fold_nick(&current.nick);
                 if previous != key && !claims.get(&client.id).is_some_and(|keys| keys.contains(&previous)) {
                     self.release_key(client.id, &previous);
                     cluster.release_nick(previous, client.id);
                 }
                 self.rename(&client, &nick, reference.as_ref());
+                // Released once `renamed` is queued.
+                drop(reply);
             }
-            (answer, NickPurpose::Change { reference }) => {
+            (answer, NickPurpose::Change { reference, reply }) => {
                 unreserve(&claims, matches!(answer, NickAnswer::Failed(_)));
                 let mut error = refusal(&answer);
                 error.reference = reference;
                 self.metrics.request_errors.inc();
-                client.outbox.push(error.to_frame());
+                reply.send(error.to_frame());
             }
         }
     }
@@ -844,9 +846,8 @@ impl Hub {
                 return Err(cut_off());
             }
             self.claim_nick(client.id, nick, None)?;
-            let reference = reference.cloned();
-            let claim =
-                NickClaim { client: client.clone(), nick: nick.to_owned(), purpose: NickPurpose::Change { reference } };
+            let purpose = NickPurpose::Change { reference: reference.cloned(), reply: Reply::new(client, 1) };
+            let claim = NickClaim { client: client.clone(), nick: nick.to_owned(), purpose };
             if self.ask_broker(cluster, &mut claims, claim).is_err() {
                 let key = fold_nick(nick);
                 if key != fold_nick(&old.nick) && !claims.get(&client.id).is_some_and(|keys| keys.contains(&key)) {
@@ -1125,7 +1126,8 @@ impl Hub {
         }
 
         if let Some(cluster) = &self.cluster {
-            let waiting = reference.map(|r| (client.clone(), r.clone()));
+            // Both the echo (from the broker) and the ack come later.
+            let waiting = Some((Reply::new(client, 1 + usize::from(reference.is_some())), reference.cloned()));
             let flags = outcome.flags;
             let on_id: Option<OnId> = (!flags.is_empty()).then(|| {
                 let (identity, content, room) = (identity.clone(), message.content.clone(), room.name.clone());
@@ -1134,7 +1136,7 @@ impl Hub {
             let floor = lock(&room.state).last_id;
             let ts = now_ms();
             let post = self.post_request(&room.name, floor, &identity.user_id, &identity.nick, &message.content, ts);
-            let post = PostRequest { client: Some(client.clone()), on_id, ..post };
+            let post = PostRequest { on_id, ..post };
             cluster.post(post, waiting).map_err(|_| cut_off())?;
             self.metrics.messages_in.inc();
             return Ok(());
@@ -1144,7 +1146,7 @@ impl Hub {
         self.flag(name, id, &identity, &message.content, &outcome.flags);
         // The ack waits for the message to be durable.
         let Some(reference) = reference.cloned() else { return Ok(()) };
-        let (client, room_name) = (client.clone(), room.name.clone());
+        let (reply, room_name) = (Reply::new(client, 1), room.name.clone());
         self.after_commit(commit, move |result| {
             let frame = match result {
                 Ok(_) => encode(&ServerFrame::Ack { reference: &reference, id, room: &room_name, ts }),
@@ -1154,7 +1156,7 @@ impl Hub {
                 }
                 .to_frame(),
             };
-            client.outbox.push(frame);
+            reply.send(frame);
         });
         Ok(())
     }
@@ -1201,17 +1203,7 @@ impl Hub {
     ) -> PostRequest {
         let frame = encode(&ServerFrame::Message { room, id: 0, from: nick, user: user_id, content, ts });
         let (head, tail) = split_at_id(&json_of(&frame));
-        PostRequest {
-            room: room.clone(),
-            floor,
-            head,
-            tail,
-            user_id: user_id.to_owned(),
-            ts,
-            token: 0,
-            client: None,
-            on_id: None,
-        }
+        PostRequest { room: room.clone(), floor, head, tail, user_id: user_id.to_owned(), ts, token: 0, on_id: None }
     }
 
     /// A post got its id from the cluster: its store write is queued now
@@ -1247,28 +1239,29 @@ impl Hub {
 
     /// A post the broker did not take: its author gets `unavailable`.
     pub(crate) fn cluster_post_failed(&self, post: PostRequest, reason: &str) {
-        let reference = match (&self.cluster, post.token) {
+        let waiting = match (&self.cluster, post.token) {
             (Some(cluster), token) if token != 0 => cluster.forget(token),
             _ => None,
         };
-        if let Some(client) = post.client {
+        if let Some((reply, reference)) = waiting {
             let error = RequestError {
                 reference,
                 retry_after_ms: Some(1000),
                 ..RequestError::new(ErrorCode::Unavailable, format!("the message was not sent: {reason}"))
             };
-            client.outbox.push(error.to_frame());
+            reply.send(error.to_frame());
         }
     }
 
-    /// Sends the acks (or errors) that are due.
+    /// Sends the acks (or errors) that are due, and releases the replies
+    /// promised to the authors (a post without a `ref` gets no ack).
     pub(crate) fn release_acks(&self, due: Vec<AckReady>) {
         for ready in due {
             match ready {
-                AckReady::Ack { client, reference, room, id, ts } => {
-                    client.outbox.push(encode(&ServerFrame::Ack { reference: &reference, id, room: &room, ts }));
+                AckReady::Ack { reply, reference: Some(reference), room, id, ts } => {
+                    reply.send(encode(&ServerFrame::Ack { reference: &reference, id, room: &room, ts }));
                 }
-                AckReady::Failed { client, reference, id, reason } => {
+                AckReady::Failed { reply, reference: Some(reference), id, reason } => {
                     let error = RequestError {
                         reference: Some(reference),
                         ..RequestError::new(
@@ -1276,8 +1269,9 @@ impl Hub {
                             format!("message {id} may not have been saved: {reason}"),
                         )
                     };
-                    client.outbox.push(error.to_frame());
+                    reply.send(error.to_frame());
                 }
+                AckReady::Ack { reference: None, .. } | AckReady::Failed { reference: None, .. } => {}
             }
         }
     }

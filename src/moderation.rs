@@ -16,7 +16,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::client::{Client, Identity, Roles};
+use crate::client::{Client, Identity, Reply, Roles};
 use crate::cluster::Effect;
 use crate::hub::{Hub, json_of};
 use crate::lock;
@@ -437,9 +437,9 @@ impl Hub {
             let write = audit(&actor, "forbidden", request.target(), request.room(), &why, None);
             let error =
                 RequestError { reference: reference.cloned(), ..RequestError::new(ErrorCode::Forbidden, message) };
-            let client = client.clone();
+            let reply = Reply::new(client, 1);
             self.commit_then(vec![write], move |_| {
-                client.outbox.push(error.to_frame());
+                reply.send(error.to_frame());
             });
             return Ok(());
         }
@@ -450,11 +450,11 @@ impl Hub {
             _ => None,
         });
         let done = encode(&ServerFrame::Done { action, reference });
-        let client = client.clone();
+        let reply = Reply::new(client, 1);
         let hub = self.self_ref();
         self.commit_then(writes, move |result| match result {
             Ok(results) => {
-                client.outbox.push(done);
+                reply.send(done);
                 if let (Some((index, item)), Some(hub)) = (new_item, hub.upgrade()) {
                     let id = match results.get(index) {
                         Some(Written::Id(id)) => *id,
@@ -465,7 +465,7 @@ impl Hub {
                 }
             }
             Err(e) => {
-                client.outbox.push(RequestError::new(ErrorCode::Unavailable, format!("not recorded: {e}")).to_frame());
+                reply.send(RequestError::new(ErrorCode::Unavailable, format!("not recorded: {e}")).to_frame());
             }
         });
         Ok(())
@@ -910,12 +910,12 @@ impl Hub {
             Write::Review(item.clone()),
             audit(&actor, "hold", Some(item.user_id.clone()), Some(room), reason, None),
         ];
-        let (client, room, reason, reference) =
-            (client.clone(), room.to_owned(), reason.to_owned(), reference.cloned());
+        let (reply, room, reason, reference) =
+            (Reply::new(client, 1), room.to_owned(), reason.to_owned(), reference.cloned());
         let hub = self.self_ref();
         self.commit_then(writes, move |result| {
             let Ok(results) = result else {
-                client.outbox.push(
+                reply.send(
                     RequestError::new(ErrorCode::Unavailable, "the message could not be queued for review").to_frame(),
                 );
                 return;
@@ -924,12 +924,7 @@ impl Hub {
                 Some(Written::Id(id)) => *id,
                 _ => 0,
             };
-            client.outbox.push(encode(&ServerFrame::Held {
-                room: &room,
-                id,
-                reason: &reason,
-                reference: reference.as_ref(),
-            }));
+            reply.send(encode(&ServerFrame::Held { room: &room, id, reason: &reason, reference: reference.as_ref() }));
             if let Some(hub) = hub.upgrade() {
                 let item = ReviewItem { id, ..item };
                 hub.effect(Effect::ToStaff { frame: json_of(&encode(&ServerFrame::Review { item: &item })) });

@@ -6,11 +6,19 @@
 //! arrives is a slow consumer: its queue is dropped and it is closed with 1008,
 //! so that nobody else waits for it.
 //!
+//! The connection's reader pauses while the outbox's [backlog](Outbox::backlog)
+//! reaches half the queue. The backlog counts the frames queued and the frames
+//! promised: replies the client's own requests will still bring (an `ack` once
+//! the message is committed, a moderator's `done`). Without them, a client that
+//! pipelines requests could be read far ahead of its replies, whose burst after
+//! a commit would then overflow the queue although the client reads promptly.
+//!
 //! A `std::sync::Mutex` (not a tokio one) guards the queue: it is held only for
 //! a push or a swap, never across an `.await`.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -117,14 +125,19 @@ pub enum Next {
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
+    /// Most frames the queue may hold (fixed for the connection's life).
+    capacity: usize,
+    /// Frames promised to this client and not yet queued (see the module
+    /// docs). Raised without the lock by the client's own reader; lowered,
+    /// and read for [`Outbox::backlog`], under it, so that a reply moving
+    /// from promised to queued is counted once, never zero times.
+    promised: AtomicUsize,
 }
 
 #[derive(Debug)]
 struct State {
     /// Frames not yet handed to the writer.
     queue: VecDeque<Bytes>,
-    /// Most frames `queue` may hold.
-    capacity: usize,
     /// The writer's waker while it waits for frames.
     waker: Option<Waker>,
     /// The Close frame to send, until the writer takes it.
@@ -141,23 +154,46 @@ impl Outbox {
         Self {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
-                capacity,
                 waker: None,
                 close_frame: None,
                 closing_since: None,
                 close_reason: None,
             }),
+            capacity,
+            promised: AtomicUsize::new(0),
         }
+    }
+
+    /// Most frames the queue may hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Queues a frame for this client.
     pub fn push(&self, frame: Bytes) -> Pushed {
+        self.push_releasing(frame, 0)
+    }
+
+    /// Promises `frames` replies to come (see the module docs); each must be
+    /// released once queued or given up, with [`Outbox::push_releasing`] or
+    /// [`Outbox::release`] (`client::Reply` pairs them).
+    pub fn promise(&self, frames: usize) {
+        self.promised.fetch_add(frames, Ordering::Relaxed);
+    }
+
+    /// Queues a frame and, in the same step, releases `released` promised
+    /// frames (the frame is the reply that was promised).
+    #[inline]
+    pub fn push_releasing(&self, frame: Bytes, released: usize) -> Pushed {
         let (pushed, waker) = {
             let mut state = lock(&self.state);
+            if released > 0 {
+                self.promised.fetch_sub(released, Ordering::Relaxed);
+            }
             if state.closing_since.is_some() {
                 return Pushed::Closed;
             }
-            if state.queue.len() >= state.capacity {
+            if state.queue.len() >= self.capacity {
                 state.queue = VecDeque::new();
                 state.start_close(CloseCode::POLICY, "slow consumer", CloseReason::SlowConsumer);
                 (Pushed::Overflow, state.waker.take())
@@ -170,6 +206,20 @@ impl Outbox {
             waker.wake();
         }
         pushed
+    }
+
+    /// Releases `frames` promised frames that will not be queued (or were
+    /// queued already), and wakes the connection: its reader may have
+    /// paused for them.
+    pub fn release(&self, frames: usize) {
+        let waker = {
+            let mut state = lock(&self.state);
+            self.promised.fetch_sub(frames, Ordering::Relaxed);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// Starts closing the client: what is queued is written first (or dropped
@@ -206,6 +256,13 @@ impl Outbox {
     /// Frames waiting (not yet taken by the writer).
     pub fn len(&self) -> usize {
         lock(&self.state).queue.len()
+    }
+
+    /// Frames waiting plus frames promised: what the queue must still be
+    /// able to hold for this client's requests so far.
+    pub fn backlog(&self) -> usize {
+        let state = lock(&self.state);
+        state.queue.len() + self.promised.load(Ordering::Relaxed)
     }
 
     /// Frames waiting, or `None` once the close has started (one lock, for
@@ -282,6 +339,43 @@ mod tests {
         let (poll, batch) = next(&outbox);
         assert_eq!(poll, Poll::Ready(Next::Closing));
         assert_eq!(batch, vec![Bytes::from_static(b"a"), close_frame(1001, "bye")]);
+    }
+
+    #[test]
+    fn promised_frames_count_in_the_backlog_until_queued_or_released() {
+        let outbox = Outbox::new(4);
+        outbox.promise(2);
+        assert_eq!((outbox.len(), outbox.backlog()), (0, 2));
+        assert_eq!(outbox.push_releasing(Bytes::from_static(b"echo"), 0), Pushed::Queued);
+        assert_eq!((outbox.len(), outbox.backlog()), (1, 3));
+        assert_eq!(outbox.push_releasing(Bytes::from_static(b"ack"), 2), Pushed::Queued);
+        assert_eq!((outbox.len(), outbox.backlog()), (2, 2));
+        outbox.promise(1);
+        outbox.release(1);
+        assert_eq!(outbox.backlog(), 2);
+        // Closing drops the frame, not the release.
+        outbox.promise(1);
+        outbox.close(1001, "bye", CloseReason::Shutdown, true);
+        assert_eq!(outbox.push_releasing(Bytes::from_static(b"late"), 1), Pushed::Closed);
+        assert_eq!(outbox.backlog(), 0);
+    }
+
+    #[test]
+    fn a_release_wakes_the_waiting_connection() {
+        struct Flag(std::sync::atomic::AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = std::sync::Arc::new(Flag(false.into()));
+        let waker = Waker::from(flag.clone());
+        let outbox = Outbox::new(4);
+        outbox.promise(1);
+        let mut batch = VecDeque::new();
+        assert!(outbox.poll_next(&mut Context::from_waker(&waker), &mut batch).is_pending());
+        outbox.release(1);
+        assert!(flag.0.load(Ordering::SeqCst), "the reader paused for the promise must look again");
     }
 
     #[test]

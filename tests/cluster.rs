@@ -248,6 +248,22 @@ async fn clients_on_two_nodes_see_every_message_in_one_order() {
     }
 }
 
+/// In a cluster a message's echo comes back from the broker, and its ack
+/// waits for both the commit and the echo: a client pipelining messages with
+/// a small queue, with and without `ref`s, still gets every echo and ack and
+/// is not closed as a slow consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pipelining_messages_with_a_small_queue_gets_every_echo_and_ack() {
+    let cluster = Cluster::new();
+    let node = cluster.node("[limits]\noutbound_queue = 16\n").await;
+    let mut acked = node.client("acked").await;
+    acked.join("acked").await;
+    acked.pipeline_and_read_everything("acked", 500, true).await;
+    let mut unacked = node.client("unacked").await;
+    unacked.join("unacked").await;
+    unacked.pipeline_and_read_everything("unacked", 500, false).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_and_history_agree_on_every_node() {
     let admin = "[admin]\ntoken = \"admin-token\"\n";

@@ -509,3 +509,25 @@ async fn a_guest_banned_after_leaving_is_banned_by_address_too() {
     let error = again.recv().await;
     assert_eq!(error["code"], "banned", "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_flooding_moderation_requests_is_held_to_the_request_budget() {
+    let server =
+        TestServer::with_toml(&format!("{CONFIG}\n[limits]\nrequests_per_minute = 6\nrequests_burst = 3\n")).await;
+    let (_moderator, mut guest, guest_id) = community(&server).await;
+    // The guest's join took one request of three.
+    for i in 0..4 {
+        guest.send(json!({"type": "kick", "user": "mod-1", "ref": i})).await;
+    }
+    let mut codes = Vec::new();
+    while codes.len() < 4 {
+        let frame = guest.recv().await;
+        if frame["type"] == "error" {
+            codes.push(frame["code"].as_str().unwrap().to_owned());
+        }
+    }
+    codes.sort();
+    assert_eq!(codes, ["forbidden", "forbidden", "rate_limited", "rate_limited"]);
+    let audit = admin_get(&server, &format!("/admin/audit?actor={guest_id}")).await;
+    assert_eq!(audit.as_array().unwrap().len(), 2, "only the attempts within the budget: {audit}");
+}

@@ -104,7 +104,7 @@ async fn invalid_files_keep_the_old_policies_and_are_reported() {
         ("an unknown key", format!("{base}\n[rooms]\nmax_romos = 3\n"), "unknown field `max_romos`"),
         ("a bad regex", format!("{base}rules = [{{ regex = \"(unclosed\" }}]\n"), "rules[0].regex"),
         ("an unknown filter kind", format!("{base}\n[[filters]]\nkind = \"nope\"\n"), "unknown filter kind `nope`"),
-        ("an out-of-range value", format!("{base}\n[limits]\noutbound_queue = 0\n"), "must be between 1 and"),
+        ("an out-of-range value", format!("{base}\n[limits]\noutbound_queue = 0\n"), "must be between 2 and"),
         (
             "an oversized regex",
             format!("{base}rules = [{{ regex = \"\\\\w{{1000}}\\\\w{{1000}}\\\\w{{1000}}\" }}]\n"),

@@ -336,6 +336,16 @@ mod tests {
     }
 
     #[test]
+    fn an_outbound_queue_too_small_for_a_message_and_its_ack_is_refused() {
+        let problems = parse("[limits]\noutbound_queue = 1\n").expect_err("one frame cannot hold an echo and an ack");
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!((problems[0].line, problems[0].key.as_deref()), (2, Some("limits.outbound_queue")));
+        assert!(problems[0].message.contains("must be between 2 and 1000000"), "{}", problems[0]);
+        assert!(problems[0].message.contains("its echo and its `ack`"), "{}", problems[0]);
+        assert_eq!(parse("[limits]\noutbound_queue = 2\n").expect("the minimum").limits.outbound_queue, 2);
+    }
+
+    #[test]
     fn semantic_problems_point_at_the_key() {
         let problems = parse("[timeouts]\nping_interval = \"30s\"\nidle = \"10s\"\n").expect_err("idle < ping");
         assert_eq!(problems.len(), 1);

@@ -292,6 +292,11 @@ fn ip_networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<
         .collect()
 }
 
+/// Smallest `limits.outbound_queue`: the two frames a message is answered
+/// with (its echo and its `ack`) must fit in the queue together, since the
+/// writer may not have taken the first when the second arrives.
+pub const MIN_OUTBOUND_QUEUE: usize = 2;
+
 /// `[limits]`: sizes, enforced before anything is buffered whole.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -303,7 +308,8 @@ pub struct LimitsConfig {
     /// Frames that may wait for one client before it is closed as a slow consumer.
     pub outbound_queue: usize,
     /// Requests other than messages (`join`, `leave`, `nick`, `history`,
-    /// `report`) one connection may make per minute, sustained; 0 for no limit.
+    /// `report`, a member's moderation requests) one connection may make
+    /// per minute, sustained; 0 for no limit.
     pub requests_per_minute: u32,
     /// How many of those requests may come at once.
     pub requests_burst: u32,
@@ -485,9 +491,13 @@ impl Config {
             ),
         );
         check(
-            (1..=1_000_000).contains(&limits.outbound_queue),
+            (MIN_OUTBOUND_QUEUE..=1_000_000).contains(&limits.outbound_queue),
             "limits.outbound_queue",
-            format!("must be between 1 and 1000000, got {}", limits.outbound_queue),
+            format!(
+                "must be between {MIN_OUTBOUND_QUEUE} and 1000000 (a message is answered with its echo and its `ack`, \
+                 and the queue must hold both), got {}",
+                limits.outbound_queue
+            ),
         );
         check(
             limits.requests_per_minute <= 60_000,

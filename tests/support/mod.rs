@@ -306,6 +306,56 @@ impl Client {
         }
     }
 
+    /// Sends `count` messages to `room` (joined) back to back, each with a
+    /// `ref` if `acked`, without waiting for any answer, while reading
+    /// everything the server sends; returns once every echo (and every ack)
+    /// has arrived, each kind in order, and the connection still answers.
+    /// Panics if it is closed (as a slow consumer, say) or anything else
+    /// arrives.
+    pub async fn pipeline_and_read_everything(&mut self, room: &str, count: u64, acked: bool) {
+        let (mut sink, mut stream) = (&mut self.ws).split();
+        let send = async move {
+            for i in 1..=count {
+                let mut frame = json!({"type": "message", "room": room, "content": format!("m{i}")});
+                if acked {
+                    frame["ref"] = json!(format!("r{i}"));
+                }
+                sink.send(Message::text(frame.to_string())).await.expect("send");
+            }
+        };
+        let read = async move {
+            let (mut echoes, mut acks) = (0, 0);
+            while echoes < count || (acked && acks < count) {
+                let message = tokio::time::timeout(PATIENCE, stream.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("{room}: stalled after {echoes} echoes and {acks} acks"))
+                    .unwrap_or_else(|| panic!("{room}: disconnected after {echoes} echoes and {acks} acks"))
+                    .expect("read error");
+                let text = match message {
+                    Message::Text(text) => text,
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                    other => panic!("{room}: after {echoes} echoes and {acks} acks: {other:?}"),
+                };
+                let frame: Value = serde_json::from_str(&text).expect("json");
+                match frame["type"].as_str() {
+                    Some("message") => {
+                        echoes += 1;
+                        assert_eq!(frame["content"], format!("m{echoes}"), "echoes arrive in order: {frame}");
+                    }
+                    Some("ack") if acked => {
+                        acks += 1;
+                        assert_eq!(frame["ref"], format!("r{acks}"), "acks arrive in order: {frame}");
+                    }
+                    _ => panic!("{room}: after {echoes} echoes and {acks} acks: {frame}"),
+                }
+            }
+        };
+        futures_util::future::join(send, read).await;
+        self.send(json!({"type": "history", "room": room, "limit": 1})).await;
+        let page = self.recv().await;
+        assert_eq!(page["type"], "history", "still served: {page}");
+    }
+
     /// The underlying WebSocket, e.g. to split it into a sender and a reader.
     pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
         self.ws
