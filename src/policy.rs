@@ -1,8 +1,9 @@
 //! Policies: the config and the pipeline built from it, swapped as one
 //! snapshot, and the one reload path that produces them.
 //!
-//! Reload: read the file → parse → validate everything → build every filter
-//! → swap the snapshot atomically. Any problem keeps the running policies
+//! Reload: read the file → parse → validate everything → read the files the
+//! config names → build every filter → swap the snapshot atomically. When
+//! the text and those files are as they were, nothing is rebuilt. Any problem keeps the running policies
 //! and is reported (logs, `/admin/reload`). The file watcher and SIGHUP both
 //! go through [`Reloader::reload`].
 
@@ -29,26 +30,57 @@ pub struct Policies {
     pub pipeline: Pipeline,
     /// Token verification and role grants from `[auth]`.
     pub auth: Authenticator,
+    /// The files the config names, as read just before building: a reload
+    /// of the same text still rebuilds when one of them has changed.
+    files: Vec<FileStamp>,
+}
+
+/// The contents of one file a config names (or why it could not be read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    /// The file, as the config names it.
+    path: PathBuf,
+    /// Its bytes, or the kind of error reading it gave.
+    content: Result<Vec<u8>, std::io::ErrorKind>,
+}
+
+/// Reads every file `config` names. Done before building, so a file that
+/// changes during the build is seen as changed by the next reload.
+fn stamp(config: &Config) -> Vec<FileStamp> {
+    config
+        .referenced_files()
+        .into_iter()
+        .map(|path| FileStamp { path: path.to_owned(), content: std::fs::read(path).map_err(|e| e.kind()) })
+        .collect()
 }
 
 impl Policies {
     /// Builds the pipeline for `config`, reusing the filter state in
     /// `states`; returns the policies and the state to keep.
     pub fn build(text: &str, registry: &Registry, states: &FilterStates) -> Result<(Self, FilterStates), Vec<Problem>> {
-        let (config, (pipeline, auth, kept)) =
-            config::parse_then(text, |config| build_parts(config, registry, states))?;
-        Ok((Policies { config, pipeline, auth }, kept))
+        let (config, ((pipeline, auth, kept), files)) = config::parse_then(text, |config| {
+            let files = stamp(config);
+            build_parts(config, registry, states).map(|parts| (parts, files))
+        })?;
+        Ok((Policies { config, pipeline, auth, files }, kept))
     }
 
     /// Policies from a config that is already parsed (for embedding and tests).
     pub fn from_config(config: Config, registry: &Registry) -> Result<(Self, FilterStates), Vec<Problem>> {
+        let files = stamp(&config);
         let (pipeline, auth, kept) = build_parts(&config, registry, &FilterStates::new()).map_err(|problems| {
             problems
                 .into_iter()
                 .map(|(key, message)| Problem { line: 0, column: 0, key: Some(key), message })
                 .collect::<Vec<_>>()
         })?;
-        Ok((Policies { config, pipeline, auth }, kept))
+        Ok((Policies { config, pipeline, auth, files }, kept))
+    }
+
+    /// Whether a file the config names has changed since these policies
+    /// were built from it.
+    fn files_changed(&self) -> bool {
+        self.files.iter().any(|file| std::fs::read(&file.path).map_err(|e| e.kind()) != file.content)
     }
 }
 
@@ -122,7 +154,8 @@ pub struct Reloader {
     registry: Registry,
     /// The config file, when the policies came from one.
     path: Option<PathBuf>,
-    /// The text of the running config, to skip reloads that change nothing.
+    /// The text of the running config, to skip reloads that change nothing
+    /// (with the contents of the files it names, kept in the policies).
     text: Mutex<String>,
     /// Filter state kept across reloads.
     states: Mutex<FilterStates>,
@@ -234,8 +267,12 @@ impl Reloader {
                 Vec::new(),
             );
         }
-        if *lock(&self.text) == text {
-            return status(ReloadOutcome::Unchanged, format!("{} has not changed", path.display()), Vec::new());
+        if *lock(&self.text) == text && !self.current.load().files_changed() {
+            return status(
+                ReloadOutcome::Unchanged,
+                format!("{} and the files it names have not changed", path.display()),
+                Vec::new(),
+            );
         }
         let mut states = lock(&self.states);
         match Policies::build(&text, &self.registry, &states) {

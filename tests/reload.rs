@@ -189,3 +189,62 @@ async fn the_admin_api_wants_the_token() {
     let plain = TestServer::start().await;
     assert_eq!(http_request(plain.addr, "GET", "/admin/reload", TOKEN).await.0, 404, "no token, no admin API");
 }
+
+/// Test-only RSA key pairs (private, public), from `tests/keys`.
+const KEY_A: (&str, &str) = (include_str!("keys/rsa-a.pem"), include_str!("keys/rsa-a.pub.pem"));
+const KEY_B: (&str, &str) = (include_str!("keys/rsa-b.pem"), include_str!("keys/rsa-b.pub.pem"));
+
+/// An RS256 token for `sub`, valid for an hour, signed with `private_pem`.
+fn rs256_token(private_pem: &str, sub: &str) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let exp = wardroom::protocol::now_ms() / 1000 + 3600;
+    let key = EncodingKey::from_rsa_pem(private_pem.as_bytes()).expect("a test key");
+    encode(&Header::new(Algorithm::RS256), &json!({"sub": sub, "exp": exp}), &key).expect("sign")
+}
+
+/// Whether a client connecting with `token` gets a `welcome` (else it must
+/// be refused as `unauthorized`).
+async fn signs_in(server: &TestServer, token: &str) -> bool {
+    let mut client = Client::connect_any(&format!("ws://{}/ws?token={token}", server.addr)).await;
+    let first = client.recv().await;
+    match first["type"].as_str() {
+        Some("welcome") => true,
+        Some("error") if first["code"] == "unauthorized" => false,
+        _ => panic!("unexpected first frame {first}"),
+    }
+}
+
+/// A config whose `[auth] jwt_public_key` is `key.pem` beside it, holding
+/// `public_pem`.
+fn with_public_key(public_pem: &str, watch: bool) -> TempConfig {
+    let file = TempConfig::new("");
+    let key = file.dir.join("key.pem");
+    std::fs::write(&key, public_pem).expect("write the public key");
+    file.write_in_place(&format!(
+        "[admin]\ntoken = \"test-token\"\n\n[auth]\njwt_public_key = {key:?}\n\n[reload]\nwatch = {watch}\n"
+    ));
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_reload_rereads_a_rotated_public_key() {
+    let file = with_public_key(KEY_A.1, false);
+    let server = TestServer::with_file(&file.path).await;
+    let (old, new) = (rs256_token(KEY_A.0, "u-1"), rs256_token(KEY_B.0, "u-1"));
+    assert!(signs_in(&server, &old).await);
+    assert!(!signs_in(&server, &new).await);
+
+    // Rotate the key; the config text stays the same.
+    std::fs::write(file.dir.join("key.pem"), KEY_B.1).expect("rotate the key");
+    assert!(!signs_in(&server, &new).await, "nothing is watched: the old key runs until a reload");
+    let (code, body) = http_request(server.addr, "POST", "/admin/reload", TOKEN).await;
+    assert_eq!(code, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).expect("status is JSON");
+    assert_eq!(report["outcome"], "applied", "{report}");
+    assert!(signs_in(&server, &new).await, "a token signed with the new key is accepted");
+    assert!(!signs_in(&server, &old).await, "a token signed with the old key is refused");
+
+    // A second reload finds nothing new.
+    let (_, body) = http_request(server.addr, "POST", "/admin/reload", TOKEN).await;
+    assert_eq!(serde_json::from_str::<Value>(&body).expect("JSON")["outcome"], "unchanged", "{body}");
+}

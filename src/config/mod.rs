@@ -424,6 +424,14 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// The files this config names and is built from (today only
+    /// `[auth] jwt_public_key`), so that a reload notices when one of them
+    /// changes even though the config text did not. The store's database is
+    /// not one: it is data, and `[store]` needs a restart anyway.
+    pub fn referenced_files(&self) -> Vec<&std::path::Path> {
+        self.auth.jwt_public_key.iter().map(std::path::PathBuf::as_path).collect()
+    }
+
     /// Semantic checks that serde cannot express: ranges and relations between
     /// keys. Returns `(dotted key, message)` for every violation.
     fn semantic_problems(&self) -> Vec<(String, String)> {
