@@ -7,7 +7,9 @@
 //! and is reported (logs, `/admin/reload`). The file watcher and SIGHUP both
 //! go through [`Reloader::reload`].
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -329,24 +331,28 @@ fn restart_required(running: &Config, new: &Config) -> Vec<String> {
     changed
 }
 
-/// How long the config file's directory must be quiet before a reload, so
-/// that an editor's save (truncate, write, rename…) is read once, whole.
+/// How long the watched directories must be quiet before a reload, so that
+/// an editor's save (truncate, write, rename…) is read once, whole.
 const QUIET: Duration = Duration::from_millis(150);
 
-/// Watches the config file's directory (editors replace files by rename, so
-/// the file itself cannot be watched) and listens for SIGHUP; both trigger
-/// [`Reloader::reload`]. The watch starts when this is called, not when the
-/// returned future is first polled, so an edit made right after start-up is
-/// not missed; the future runs until dropped.
+/// Watches the config file and the files it names, and listens for SIGHUP;
+/// both trigger [`Reloader::reload`]. Files are watched through their
+/// directories (editors replace files by rename, so a file itself cannot be
+/// watched), following symlinks: see [`FileWatch`]. The watch starts when
+/// this is called, not when the returned future is first polled, so an edit
+/// made right after start-up is not missed; the future runs until dropped.
 pub fn watch(reloader: Arc<Reloader>) -> impl Future<Output = ()> + Send + 'static {
     let (tx, rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = None;
+    let mut files = None;
     #[cfg(unix)]
     let mut hangup = None;
     if let Some(path) = &reloader.path {
         if reloader.current().config.reload.watch {
-            match directory_watcher(path, tx.clone()) {
-                Ok(w) => watcher = Some(w),
+            match FileWatch::new(tx.clone()) {
+                Ok(mut watch) => {
+                    watch.update(&watched_files(&reloader));
+                    files = Some(Arc::new(Mutex::new(watch)));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, path = %path.display(), "cannot watch the config file; reload with SIGHUP")
                 }
@@ -358,9 +364,8 @@ pub fn watch(reloader: Arc<Reloader>) -> impl Future<Output = ()> + Send + 'stat
             Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
         }
     }
+    let mut applied = reloader.applied();
     async move {
-        // Dropping the watcher (when this future is dropped) stops the watch.
-        let _watcher = watcher;
         #[cfg(unix)]
         let _hangup = hangup.map(|mut hangup| {
             AbortOnDrop(tokio::spawn(async move {
@@ -371,15 +376,57 @@ pub fn watch(reloader: Arc<Reloader>) -> impl Future<Output = ()> + Send + 'stat
                 }
             }))
         });
+        #[cfg(not(unix))]
+        drop(tx);
         let mut rx = rx;
-        while rx.recv().await.is_some() {
-            // Wait for the burst of events to end.
-            while let Ok(Some(())) = tokio::time::timeout(QUIET, rx.recv()).await {}
+        loop {
+            let reload = tokio::select! {
+                event = rx.recv() => match event {
+                    Some(()) => true,
+                    None => return,
+                },
+                // A reload from elsewhere (`POST /admin/reload`, the cluster)
+                // may name other files: watch them.
+                changed = applied.changed(), if files.is_some() => match changed {
+                    Ok(()) => false,
+                    Err(_) => return,
+                },
+            };
+            if reload {
+                // Wait for the burst of events to end.
+                while let Ok(Some(())) = tokio::time::timeout(QUIET, rx.recv()).await {}
+            }
             let reloader = reloader.clone();
-            // Reading and building can take a moment (large rule sets): off the runtime.
-            let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+            let files = files.clone();
+            // Reading and building can take a moment (large rule sets), and
+            // watching is file system calls: off the runtime.
+            let _ = tokio::task::spawn_blocking(move || {
+                let Some(files) = files else {
+                    reloader.reload();
+                    return;
+                };
+                let mut files = lock(&files);
+                // Watch what the files resolve to now (a symlink may have been
+                // swapped) before reading them, so no later change is missed.
+                files.update(&watched_files(&reloader));
+                if reload {
+                    reloader.reload();
+                    // The new config may name other files; read them once more
+                    // if so, in case they changed before they were watched.
+                    if files.update(&watched_files(&reloader)) {
+                        reloader.reload();
+                    }
+                }
+            })
+            .await;
         }
     }
+}
+
+/// The files a reload reads: the config file and the files it names.
+fn watched_files(reloader: &Reloader) -> Vec<PathBuf> {
+    let current = reloader.current();
+    reloader.path.iter().cloned().chain(current.config.referenced_files().into_iter().map(Path::to_owned)).collect()
 }
 
 /// Aborts a task when dropped.
@@ -391,20 +438,117 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn directory_watcher(path: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let file_name = path.file_name().map(ToOwned::to_owned);
-    let directory = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        let ours = event.paths.iter().any(|p| p.file_name() == file_name.as_deref());
-        if ours && !matches!(event.kind, EventKind::Access(_)) {
-            let _ = tx.send(());
+/// Watches files through their directories, symlinks included: for each
+/// file, the directory of every link met while resolving it and the
+/// directory of the file it resolves to. A Kubernetes ConfigMap is
+/// `config.toml -> ..data/config.toml` with `..data -> v1`, updated by
+/// renaming a new `..data` link over the old one; that rename, and an edit of
+/// `v1/config.toml` itself, are both seen. [`FileWatch::update`] resolves the
+/// files again after each change, so the watch follows the links.
+struct FileWatch {
+    /// The notify watcher; dropping it stops every watch.
+    watcher: notify::RecommendedWatcher,
+    /// The directories watched now.
+    directories: BTreeSet<PathBuf>,
+    /// Names of the files and links that matter, shared with the watcher's
+    /// callback, which ignores events on anything else (the database may
+    /// live in the same directory and change all the time).
+    names: Arc<Mutex<BTreeSet<OsString>>>,
+}
+
+impl FileWatch {
+    /// A watcher that sends `()` to `tx` on each relevant event, watching nothing yet.
+    fn new(tx: mpsc::UnboundedSender<()>) -> notify::Result<Self> {
+        let names = Arc::new(Mutex::new(BTreeSet::<OsString>::new()));
+        let relevant = names.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            let names = lock(&relevant);
+            if event.paths.iter().any(|p| p.file_name().is_some_and(|name| names.contains(name))) {
+                let _ = tx.send(());
+            }
+        })?;
+        Ok(FileWatch { watcher, directories: BTreeSet::new(), names })
+    }
+
+    /// Resolves `files` again and watches what they go through now; returns
+    /// whether that differs from what was watched.
+    fn update(&mut self, files: &[PathBuf]) -> bool {
+        use notify::{RecursiveMode, Watcher};
+        let chain: Vec<PathBuf> = files.iter().flat_map(|file| resolution_chain(file)).collect();
+        let names: BTreeSet<OsString> = chain.iter().filter_map(|p| p.file_name()).map(ToOwned::to_owned).collect();
+        // By canonical name: one directory reached by two paths is one watch.
+        let directories: BTreeSet<PathBuf> = chain
+            .iter()
+            .filter_map(|p| p.parent())
+            .map(|dir| std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned()))
+            .collect();
+        let changed = *lock(&self.names) != names || self.directories != directories;
+        *lock(&self.names) = names;
+        for gone in self.directories.difference(&directories) {
+            // It may be gone already (a ConfigMap deletes the old version).
+            let _ = self.watcher.unwatch(gone);
         }
-    })?;
-    watcher.watch(&directory, RecursiveMode::NonRecursive)?;
-    Ok(watcher)
+        let mut watched = BTreeSet::new();
+        for directory in directories {
+            if self.directories.contains(&directory) {
+                watched.insert(directory);
+                continue;
+            }
+            match self.watcher.watch(&directory, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(directory);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, directory = %directory.display(), "cannot watch a directory of the config")
+                }
+            }
+        }
+        self.directories = watched;
+        changed
+    }
+}
+
+/// Every path whose change can change what `file` reads as: `file` itself
+/// (made absolute), each symlink met while resolving it (in any component),
+/// and the path it resolves to. Resolved by hand, not with `canonicalize`,
+/// to see the links on the way; a missing file ends the chain where it is.
+fn resolution_chain(file: &Path) -> Vec<PathBuf> {
+    /// Links followed before giving up, as the kernel does (ELOOP).
+    const MAX_LINKS: usize = 40;
+    let start = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
+    let mut chain = vec![start.clone()];
+    // Components still to resolve, the next one last.
+    let mut rest: Vec<PathBuf> = start.components().rev().map(|c| PathBuf::from(c.as_os_str())).collect();
+    let mut resolved = PathBuf::new();
+    let mut links = 0;
+    while let Some(component) = rest.pop() {
+        match component.components().next() {
+            Some(Component::CurDir) | None => {}
+            Some(Component::ParentDir) => {
+                resolved.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let next = resolved.join(name);
+                match std::fs::read_link(&next) {
+                    Ok(target) if links < MAX_LINKS => {
+                        links += 1;
+                        chain.push(next);
+                        if target.is_absolute() {
+                            resolved = PathBuf::new();
+                        }
+                        rest.extend(target.components().rev().map(|c| PathBuf::from(c.as_os_str())));
+                    }
+                    _ => resolved = next,
+                }
+            }
+            Some(root) => resolved.push(root.as_os_str()),
+        }
+    }
+    chain.push(resolved);
+    chain.dedup();
+    chain
 }

@@ -1,6 +1,7 @@
-//! Hot reload: in-place edits, saves by rename and truncate-then-write are
-//! applied within a second; invalid files keep the old policies running and
-//! are reported; limits and connections survive a reload.
+//! Hot reload: in-place edits, saves by rename, truncate-then-write and a
+//! Kubernetes ConfigMap's symlink swap are applied within a second, and so is
+//! a rotated public key; invalid files keep the old policies running and are
+//! reported; limits and connections survive a reload.
 
 mod support;
 
@@ -54,9 +55,14 @@ async fn started(words: &[&str]) -> (TempConfig, TestServer, Client) {
 
 /// Within a second, "darn" goes from allowed to refused.
 async fn darn_becomes_refused(client: &mut Client) {
+    becomes_refused(client, "darn").await;
+}
+
+/// Within a second, `word` goes from allowed to refused.
+async fn becomes_refused(client: &mut Client, word: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    while !refused(client, "darn").await {
-        assert!(tokio::time::Instant::now() < deadline, "the new rule was not applied within 1 s");
+    while !refused(client, word).await {
+        assert!(tokio::time::Instant::now() < deadline, "refusing {word:?} was not applied within 1 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -247,4 +253,60 @@ async fn an_explicit_reload_rereads_a_rotated_public_key() {
     // A second reload finds nothing new.
     let (_, body) = http_request(server.addr, "POST", "/admin/reload", TOKEN).await;
     assert_eq!(serde_json::from_str::<Value>(&body).expect("JSON")["outcome"], "unchanged", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_public_key_applies_within_a_second_when_watched() {
+    let file = with_public_key(KEY_A.1, true);
+    let server = TestServer::with_file(&file.path).await;
+    let (old, new) = (rs256_token(KEY_A.0, "u-1"), rs256_token(KEY_B.0, "u-1"));
+    assert!(!signs_in(&server, &new).await);
+    std::fs::write(file.dir.join("key.pem"), KEY_B.1).expect("rotate the key");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !signs_in(&server, &new).await {
+        assert!(tokio::time::Instant::now() < deadline, "the new key was not used within 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!signs_in(&server, &old).await);
+}
+
+/// Saves `text` in `dir/name` as `sed -i` does: a new file renamed over it.
+fn save_by_rename(dir: &std::path::Path, name: &str, text: &str) {
+    let temp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&temp, text).expect("write temp file");
+    std::fs::rename(&temp, dir.join(name)).expect("rename over");
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_style_symlink_swap_and_an_edit_of_its_target_apply_within_a_second() {
+    use std::os::unix::fs::symlink;
+    // Kubernetes' layout: config.toml -> ..data/config.toml, ..data -> v1.
+    let file = TempConfig::new("");
+    std::fs::remove_file(&file.path).expect("remove the plain file");
+    let (v1, v2) = (file.dir.join("v1"), file.dir.join("v2"));
+    std::fs::create_dir(&v1).expect("v1");
+    std::fs::write(v1.join("config.toml"), file.with_store(&policy(&["fuck"]))).expect("write v1");
+    symlink("v1", file.dir.join("..data")).expect("..data");
+    symlink("..data/config.toml", &file.path).expect("config.toml");
+    let server = TestServer::with_file(&file.path).await;
+    let mut client = server.client("Alice").await;
+    client.join("lobby").await;
+    assert!(!refused(&mut client, "darn").await);
+
+    // An update: a new version, then ..data swapped by a rename, then the
+    // old version deleted.
+    std::fs::create_dir(&v2).expect("v2");
+    std::fs::write(v2.join("config.toml"), file.with_store(&policy(&["fuck", "darn"]))).expect("write v2");
+    symlink("v2", file.dir.join("..data_tmp")).expect("..data_tmp");
+    std::fs::rename(file.dir.join("..data_tmp"), file.dir.join("..data")).expect("swap ..data");
+    std::fs::remove_dir_all(&v1).expect("remove v1");
+    becomes_refused(&mut client, "darn").await;
+
+    // The file the links now lead to, edited as `sed -i` does, then in place.
+    save_by_rename(&v2, "config.toml", &file.with_store(&policy(&["fuck", "darn", "heck"])));
+    becomes_refused(&mut client, "heck").await;
+    std::fs::write(v2.join("config.toml"), file.with_store(&policy(&["fuck", "darn", "heck", "drat"]))).expect("edit");
+    becomes_refused(&mut client, "drat").await;
+    assert_eq!(status(&server).await["outcome"], "applied");
 }
