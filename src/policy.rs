@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -21,6 +21,7 @@ use wardroom_plugin_api::Registry;
 use crate::config::{self, Config, Problem, Problems};
 use crate::identity::Authenticator;
 use crate::lock;
+use crate::logging::LogLevel;
 use crate::pipeline::{FilterStates, Pipeline};
 
 /// One consistent set of policies: a config and what is built from it.
@@ -167,6 +168,8 @@ pub struct Reloader {
     counts: [crate::metrics::Counter; 3],
     /// How many reloads were applied: the cluster tells the other nodes.
     applied: tokio::sync::watch::Sender<u64>,
+    /// The log output's level, when the binary installed one to reload.
+    log_level: OnceLock<LogLevel>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -193,7 +196,14 @@ impl Reloader {
             status: Mutex::new(None),
             counts: Default::default(),
             applied: tokio::sync::watch::Sender::new(0),
+            log_level: OnceLock::new(),
         }
+    }
+
+    /// Lets reloads change the level of the installed log output (`[log]
+    /// level`); only the first call counts.
+    pub fn control_log_level(&self, level: LogLevel) {
+        let _ = self.log_level.set(level);
     }
 
     /// Counts applied reloads; changes each time new policies start running.
@@ -292,7 +302,13 @@ impl Reloader {
                 policies.config.reload = running.config.reload.clone();
                 policies.config.store = running.config.store.clone();
                 policies.config.cluster = running.config.cluster.clone();
+                policies.config.log.format = running.config.log.format;
+                let new_level =
+                    (policies.config.log.level != running.config.log.level).then(|| policies.config.log.level.clone());
                 self.current.store(Arc::new(policies));
+                if let (Some(level), Some(log_level)) = (new_level, self.log_level.get()) {
+                    log_level.set(&level);
+                }
                 *states = kept;
                 *lock(&self.text) = text;
                 let mut applied =
@@ -327,6 +343,9 @@ fn restart_required(running: &Config, new: &Config) -> Vec<String> {
     }
     if running.reload.watch != new.reload.watch {
         changed.push("reload.watch".to_owned());
+    }
+    if running.log.format != new.log.format {
+        changed.push("log.format".to_owned());
     }
     changed
 }

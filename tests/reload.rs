@@ -310,3 +310,51 @@ async fn a_configmap_style_symlink_swap_and_an_edit_of_its_target_apply_within_a
     becomes_refused(&mut client, "drat").await;
     assert_eq!(status(&server).await["outcome"], "applied");
 }
+
+/// The log lines at `DEBUG` among those arriving within `within`.
+fn debug_lines(lines: &std::sync::mpsc::Receiver<String>, within: Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + within;
+    let mut found = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Ok(line) = lines.recv_timeout(left) else { break };
+        let json: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if json["level"] == "DEBUG" {
+            found.push(line);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_log_level_in_the_config_shows_debug_lines() {
+    let config =
+        |level: &str| format!("[server]\nbind = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"\nlevel = {level:?}\n");
+    let file = TempConfig::new(&config("info"));
+    let (server, lines) = support::process::ServerProcess::start_with_log(env!("CARGO_BIN_EXE_wardroom"), &file.path);
+    // A connection logs `connected` at debug.
+    support::Client::connect(&server.ws_url("nick=Before")).await.close().await;
+    let before = tokio::task::block_in_place(|| debug_lines(&lines, Duration::from_millis(300)));
+    assert!(before.is_empty(), "debug lines at level info: {before:?}");
+
+    file.save_by_rename(&config("wardroom=debug"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        support::Client::connect(&server.ws_url("nick=After")).await.close().await;
+        let seen = tokio::task::block_in_place(|| debug_lines(&lines, Duration::from_millis(100)));
+        if seen.iter().any(|line| line.contains("\"connected\"")) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no debug line within 2 s of raising the level");
+    }
+    assert!(server.terminate());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_format_change_is_reported_as_needing_a_restart() {
+    let (file, server, mut client) = started(&["fuck"]).await;
+    file.save_by_rename(&format!("[log]\nformat = \"json\"\nlevel = \"debug\"\n\n{}", policy(&["fuck", "darn"])));
+    darn_becomes_refused(&mut client).await;
+    let report = status(&server).await;
+    assert_eq!(report["outcome"], "applied");
+    assert_eq!(report["restart_required"], json!(["log.format"]), "the level applies, the format does not");
+}
