@@ -277,19 +277,39 @@ impl Default for ServerConfig {
     }
 }
 
-/// Parses a list of addresses or networks into networks.
+/// Parses a list of addresses or networks into networks, each element on
+/// its own, so that every wrong one is reported at its place.
 fn ip_networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
-    let entries = Vec::<String>::deserialize(deserializer)?;
-    entries
-        .iter()
-        .map(|entry| {
-            entry.parse::<IpNet>().or_else(|_| entry.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| {
-                serde::de::Error::custom(format!(
-                    "{entry:?} is neither an IP address nor a network such as \"10.0.0.0/8\""
-                ))
-            })
-        })
-        .collect()
+    /// One element: an address or a network.
+    struct Network(IpNet);
+
+    impl<'de> Deserialize<'de> for Network {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            // A visitor, so that the error is raised while the element is
+            // read and carries the element's place in the file.
+            struct Visitor;
+            impl serde::de::Visitor<'_> for Visitor {
+                type Value = Network;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("an IP address or a network such as \"10.0.0.0/8\"")
+                }
+                fn visit_str<E: serde::de::Error>(self, entry: &str) -> Result<Network, E> {
+                    entry
+                        .parse::<IpNet>()
+                        .or_else(|_| entry.parse::<std::net::IpAddr>().map(IpNet::from))
+                        .map(Network)
+                        .map_err(|_| {
+                            E::custom(format!(
+                                "{entry:?} is neither an IP address nor a network such as \"10.0.0.0/8\""
+                            ))
+                        })
+                }
+            }
+            deserializer.deserialize_str(Visitor)
+        }
+    }
+
+    Ok(Vec::<Network>::deserialize(deserializer)?.into_iter().map(|network| network.0).collect())
 }
 
 /// `[limits]`: sizes, enforced before anything is buffered whole.
