@@ -18,6 +18,9 @@ use toml::de::{DeTable, DeValue};
 
 use super::Config;
 
+/// Problems found by deserializing before the rest are left unlisted.
+const MAX_PROBLEMS: usize = 100;
+
 /// One problem in a config file, at a line and column.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -107,8 +110,11 @@ pub fn parse_then<T>(
                 let key = e.span().and_then(|span| path_at(original.get_ref(), &span));
                 let removed = e.span().is_some_and(|span| remove_entry_at(doc.get_mut(), &span));
                 problems.push(Problem::at(text, start, key, e.message()));
-                if !removed {
-                    // Nothing left to remove: further attempts would repeat this error.
+                if !removed || problems.len() >= MAX_PROBLEMS {
+                    // Nothing left to remove: further attempts would repeat
+                    // this error. Or enough to act on: each attempt costs a
+                    // pass over the document (a long list of wrong numbers
+                    // must not take quadratic time).
                     break None;
                 }
             }
