@@ -3,8 +3,9 @@
 //!
 //! Reload: read the file → parse → validate everything → read the files the
 //! config names → build every filter → swap the snapshot atomically. When
-//! the text and those files are as they were, nothing is rebuilt. Any problem keeps the running policies
-//! and is reported (logs, `/admin/reload`). The file watcher and SIGHUP both
+//! the text and those files are as they were, nothing is rebuilt. Any
+//! problem keeps the running policies and is reported (logs,
+//! `/admin/reload`). The file watcher, SIGHUP and `POST /admin/reload` all
 //! go through [`Reloader::reload`].
 
 use std::collections::BTreeSet;
