@@ -358,7 +358,8 @@ const QUIET: Duration = Duration::from_millis(150);
 /// Watches the config file and the files it names, and listens for SIGHUP;
 /// both trigger [`Reloader::reload`]. Files are watched through their
 /// directories (editors replace files by rename, so a file itself cannot be
-/// watched), following symlinks: see [`FileWatch`]. The watch starts when
+/// watched), following symlinks, as a Kubernetes ConfigMap swaps them; the
+/// links are resolved again after each change. The watch starts when
 /// this is called, not when the returned future is first polled, so an edit
 /// made right after start-up is not missed; the future runs until dropped.
 pub fn watch(reloader: Arc<Reloader>) -> impl Future<Output = ()> + Send + 'static {
