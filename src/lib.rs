@@ -25,6 +25,7 @@
 //!   the deadline sweeper, and shutdown.
 //! - [`admission`]: connection caps (global, per address) and the client
 //!   address behind trusted proxies.
+//! - [`logging`]: the log output from `[log]`, its level changed by reloads.
 //! - [`metrics`]: counters and the `/metrics` text.
 //! - [`admin`]: the admin HTTP API (bearer token).
 //! - [`web`]: the browser client's files, built in, served at `/`.
@@ -54,6 +55,7 @@ pub mod connection;
 pub mod filters;
 pub mod hub;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod moderation;
 pub mod names;

@@ -6,8 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
-use wardroom::config::{Config, LogFormat};
 use wardroom::server::{Server, ServerBuilder};
 
 /// A WebSocket chat server for moderated communities.
@@ -99,7 +97,7 @@ fn replay(path: &std::path::Path) -> ExitCode {
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
     let server = builder().load_file(path).map_err(|problems| anyhow::anyhow!("{problems}"))?;
     let config = server.config();
-    init_logging(&config);
+    let server = server.with_log_level(wardroom::logging::init(&config.log));
     // One worker: the current-thread scheduler does the same work with less
     // bookkeeping (no work stealing, no cross-thread wake-ups).
     let mut runtime = match config.server.workers {
@@ -120,17 +118,6 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         server.run(listener, shutdown_signal()).await?;
         Ok(())
     })
-}
-
-fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    match config.log.format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

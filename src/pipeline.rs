@@ -10,7 +10,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
-use wardroom_plugin_api::{BuildContext, Connection, Context, Escalation, Filter, Message, Options, Registry, Verdict};
+use wardroom_plugin_api::{
+    BuildContext, BuildError, Connection, Context, Escalation, Filter, FilterFactory, Message, Options, Registry,
+    Verdict,
+};
 
 use crate::lock;
 
@@ -94,6 +97,69 @@ pub struct Outcome {
 /// A build problem: the dotted config path it concerns and what is wrong.
 pub type BuildProblem = (String, String);
 
+/// State one filter entry keeps across reloads.
+type EntryState = HashMap<String, Arc<dyn Any + Send + Sync>>;
+
+/// Builds the filter of entry `id` (at config path `path`), or adds its
+/// problems to `problems`. An unknown option is reported at its own key,
+/// dropped, and the filter built again, until every unknown option is
+/// listed. A problem left after that is reported unless it concerns a table
+/// an option was dropped from: it may come from the drop (a misspelt
+/// required option is missing then).
+fn build_filter(
+    factory: &dyn FilterFactory,
+    entry: &FilterEntry,
+    id: &str,
+    path: &str,
+    previous: Option<&EntryState>,
+    problems: &mut Vec<BuildProblem>,
+) -> Option<(Box<dyn Filter>, EntryState)> {
+    let is_unknown = |e: &BuildError| e.message.starts_with("unknown field");
+    let describe = |e: &BuildError, option: &str| {
+        let also = if is_unknown(e) && !option.contains(['.', '[']) {
+            format!(" (or a key of every entry: {ENTRY_KEYS})")
+        } else {
+            String::new()
+        };
+        format!("filter `{id}` ({}): {}{also}", entry.kind, e.message)
+    };
+    let mut options = Options::new(entry.options.clone());
+    let mut dropped: Vec<String> = Vec::new();
+    loop {
+        let mut ctx = BuildContext::new(previous.cloned().unwrap_or_default());
+        let error = match factory.build(&options, &mut ctx) {
+            Ok(filter) if dropped.is_empty() => return Some((filter, ctx.into_kept())),
+            Ok(_) => return None,
+            Err(error) => error,
+        };
+        match &error.option {
+            Some(option) if is_unknown(&error) && dropped.len() < MAX_UNKNOWN_OPTIONS && options.remove(option) => {
+                problems.push((format!("{path}.{option}"), describe(&error, option)));
+                dropped.push(option.clone());
+            }
+            Some(option) => {
+                let inside = |d: &String| d.strip_prefix(option.as_str()).is_some_and(|r| r.starts_with(['.', '[']));
+                if !dropped.iter().any(inside) {
+                    problems.push((format!("{path}.{option}"), describe(&error, option)));
+                }
+                return None;
+            }
+            None => {
+                if dropped.is_empty() {
+                    problems.push((path.to_owned(), describe(&error, "")));
+                }
+                return None;
+            }
+        }
+    }
+}
+
+/// Unknown keys reported per filter entry before giving up on it.
+const MAX_UNKNOWN_OPTIONS: usize = 32;
+
+/// The keys every `[[filters]]` entry takes besides the filter's own options.
+const ENTRY_KEYS: &str = "`kind`, `id`, `enabled`, `enforce`, `rooms`, `exempt_roles`, `strikes`";
+
 impl Pipeline {
     /// A pipeline with no filters.
     pub fn empty() -> Self {
@@ -129,28 +195,20 @@ impl Pipeline {
                 ));
                 continue;
             };
-            let mut ctx = BuildContext::new(previous.get(&id).cloned().unwrap_or_default());
-            match factory.build(&Options::new(entry.options.clone()), &mut ctx) {
-                Ok(filter) => {
-                    kept.insert(id.clone(), ctx.into_kept());
-                    built.push(Entry {
-                        id: id.into(),
-                        filter,
-                        enabled: entry.enabled,
-                        enforce: entry.enforce,
-                        rooms: entry.rooms.as_ref().map(|rooms| rooms.iter().cloned().collect()),
-                        exempt_roles: entry.exempt_roles.clone(),
-                        strikes: entry.strikes,
-                    });
-                }
-                Err(e) => {
-                    let at = match &e.option {
-                        Some(option) => format!("{path}.{option}"),
-                        None => path,
-                    };
-                    problems.push((at, format!("filter `{id}` ({}): {}", entry.kind, e.message)));
-                }
-            }
+            let Some((filter, state)) = build_filter(factory, entry, &id, &path, previous.get(&id), &mut problems)
+            else {
+                continue;
+            };
+            kept.insert(id.clone(), state);
+            built.push(Entry {
+                id: id.into(),
+                filter,
+                enabled: entry.enabled,
+                enforce: entry.enforce,
+                rooms: entry.rooms.as_ref().map(|rooms| rooms.iter().cloned().collect()),
+                exempt_roles: entry.exempt_roles.clone(),
+                strikes: entry.strikes,
+            });
         }
         if problems.is_empty() { Ok((Pipeline { entries: built }, kept)) } else { Err(problems) }
     }

@@ -1,13 +1,17 @@
 //! Policies: the config and the pipeline built from it, swapped as one
 //! snapshot, and the one reload path that produces them.
 //!
-//! Reload: read the file → parse → validate everything → build every filter
-//! → swap the snapshot atomically. Any problem keeps the running policies
-//! and is reported (logs, `/admin/reload`). The file watcher and SIGHUP both
+//! Reload: read the file → parse → validate everything → read the files the
+//! config names → build every filter → swap the snapshot atomically. When
+//! the text and those files are as they were, nothing is rebuilt. Any
+//! problem keeps the running policies and is reported (logs,
+//! `/admin/reload`). The file watcher, SIGHUP and `POST /admin/reload` all
 //! go through [`Reloader::reload`].
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -18,6 +22,7 @@ use wardroom_plugin_api::Registry;
 use crate::config::{self, Config, Problem, Problems};
 use crate::identity::Authenticator;
 use crate::lock;
+use crate::logging::LogLevel;
 use crate::pipeline::{FilterStates, Pipeline};
 
 /// One consistent set of policies: a config and what is built from it.
@@ -29,26 +34,57 @@ pub struct Policies {
     pub pipeline: Pipeline,
     /// Token verification and role grants from `[auth]`.
     pub auth: Authenticator,
+    /// The files the config names, as read just before building: a reload
+    /// of the same text still rebuilds when one of them has changed.
+    files: Vec<FileStamp>,
+}
+
+/// The contents of one file a config names (or why it could not be read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    /// The file, as the config names it.
+    path: PathBuf,
+    /// Its bytes, or the kind of error reading it gave.
+    content: Result<Vec<u8>, std::io::ErrorKind>,
+}
+
+/// Reads every file `config` names. Done before building, so a file that
+/// changes during the build is seen as changed by the next reload.
+fn stamp(config: &Config) -> Vec<FileStamp> {
+    config
+        .referenced_files()
+        .into_iter()
+        .map(|path| FileStamp { path: path.to_owned(), content: std::fs::read(path).map_err(|e| e.kind()) })
+        .collect()
 }
 
 impl Policies {
     /// Builds the pipeline for `config`, reusing the filter state in
     /// `states`; returns the policies and the state to keep.
     pub fn build(text: &str, registry: &Registry, states: &FilterStates) -> Result<(Self, FilterStates), Vec<Problem>> {
-        let (config, (pipeline, auth, kept)) =
-            config::parse_then(text, |config| build_parts(config, registry, states))?;
-        Ok((Policies { config, pipeline, auth }, kept))
+        let (config, ((pipeline, auth, kept), files)) = config::parse_then(text, |config| {
+            let files = stamp(config);
+            build_parts(config, registry, states).map(|parts| (parts, files))
+        })?;
+        Ok((Policies { config, pipeline, auth, files }, kept))
     }
 
     /// Policies from a config that is already parsed (for embedding and tests).
     pub fn from_config(config: Config, registry: &Registry) -> Result<(Self, FilterStates), Vec<Problem>> {
+        let files = stamp(&config);
         let (pipeline, auth, kept) = build_parts(&config, registry, &FilterStates::new()).map_err(|problems| {
             problems
                 .into_iter()
                 .map(|(key, message)| Problem { line: 0, column: 0, key: Some(key), message })
                 .collect::<Vec<_>>()
         })?;
-        Ok((Policies { config, pipeline, auth }, kept))
+        Ok((Policies { config, pipeline, auth, files }, kept))
+    }
+
+    /// Whether a file the config names has changed since these policies
+    /// were built from it.
+    fn files_changed(&self) -> bool {
+        self.files.iter().any(|file| std::fs::read(&file.path).map_err(|e| e.kind()) != file.content)
     }
 }
 
@@ -122,7 +158,8 @@ pub struct Reloader {
     registry: Registry,
     /// The config file, when the policies came from one.
     path: Option<PathBuf>,
-    /// The text of the running config, to skip reloads that change nothing.
+    /// The text of the running config, to skip reloads that change nothing
+    /// (with the contents of the files it names, kept in the policies).
     text: Mutex<String>,
     /// Filter state kept across reloads.
     states: Mutex<FilterStates>,
@@ -132,6 +169,8 @@ pub struct Reloader {
     counts: [crate::metrics::Counter; 3],
     /// How many reloads were applied: the cluster tells the other nodes.
     applied: tokio::sync::watch::Sender<u64>,
+    /// The log output's level, when the binary installed one to reload.
+    log_level: OnceLock<LogLevel>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -158,7 +197,14 @@ impl Reloader {
             status: Mutex::new(None),
             counts: Default::default(),
             applied: tokio::sync::watch::Sender::new(0),
+            log_level: OnceLock::new(),
         }
+    }
+
+    /// Lets reloads change the level of the installed log output (`[log]
+    /// level`); only the first call counts.
+    pub fn control_log_level(&self, level: LogLevel) {
+        let _ = self.log_level.set(level);
     }
 
     /// Counts applied reloads; changes each time new policies start running.
@@ -234,8 +280,12 @@ impl Reloader {
                 Vec::new(),
             );
         }
-        if *lock(&self.text) == text {
-            return status(ReloadOutcome::Unchanged, format!("{} has not changed", path.display()), Vec::new());
+        if *lock(&self.text) == text && !self.current.load().files_changed() {
+            return status(
+                ReloadOutcome::Unchanged,
+                format!("{} and the files it names have not changed", path.display()),
+                Vec::new(),
+            );
         }
         let mut states = lock(&self.states);
         match Policies::build(&text, &self.registry, &states) {
@@ -253,7 +303,13 @@ impl Reloader {
                 policies.config.reload = running.config.reload.clone();
                 policies.config.store = running.config.store.clone();
                 policies.config.cluster = running.config.cluster.clone();
+                policies.config.log.format = running.config.log.format;
+                let new_level =
+                    (policies.config.log.level != running.config.log.level).then(|| policies.config.log.level.clone());
                 self.current.store(Arc::new(policies));
+                if let (Some(level), Some(log_level)) = (new_level, self.log_level.get()) {
+                    log_level.set(&level);
+                }
                 *states = kept;
                 *lock(&self.text) = text;
                 let mut applied =
@@ -289,27 +345,35 @@ fn restart_required(running: &Config, new: &Config) -> Vec<String> {
     if running.reload.watch != new.reload.watch {
         changed.push("reload.watch".to_owned());
     }
+    if running.log.format != new.log.format {
+        changed.push("log.format".to_owned());
+    }
     changed
 }
 
-/// How long the config file's directory must be quiet before a reload, so
-/// that an editor's save (truncate, write, rename…) is read once, whole.
+/// How long the watched directories must be quiet before a reload, so that
+/// an editor's save (truncate, write, rename…) is read once, whole.
 const QUIET: Duration = Duration::from_millis(150);
 
-/// Watches the config file's directory (editors replace files by rename, so
-/// the file itself cannot be watched) and listens for SIGHUP; both trigger
-/// [`Reloader::reload`]. The watch starts when this is called, not when the
-/// returned future is first polled, so an edit made right after start-up is
-/// not missed; the future runs until dropped.
+/// Watches the config file and the files it names, and listens for SIGHUP;
+/// both trigger [`Reloader::reload`]. Files are watched through their
+/// directories (editors replace files by rename, so a file itself cannot be
+/// watched), following symlinks, as a Kubernetes ConfigMap swaps them; the
+/// links are resolved again after each change. The watch starts when
+/// this is called, not when the returned future is first polled, so an edit
+/// made right after start-up is not missed; the future runs until dropped.
 pub fn watch(reloader: Arc<Reloader>) -> impl Future<Output = ()> + Send + 'static {
     let (tx, rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = None;
+    let mut files = None;
     #[cfg(unix)]
     let mut hangup = None;
     if let Some(path) = &reloader.path {
         if reloader.current().config.reload.watch {
-            match directory_watcher(path, tx.clone()) {
-                Ok(w) => watcher = Some(w),
+            match FileWatch::new(tx.clone()) {
+                Ok(mut watch) => {
+                    watch.update(&watched_files(&reloader));
+                    files = Some(Arc::new(Mutex::new(watch)));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, path = %path.display(), "cannot watch the config file; reload with SIGHUP")
                 }
@@ -321,9 +385,8 @@ pub fn watch(reloader: Arc<Reloader>) -> impl Future<Output = ()> + Send + 'stat
             Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
         }
     }
+    let mut applied = reloader.applied();
     async move {
-        // Dropping the watcher (when this future is dropped) stops the watch.
-        let _watcher = watcher;
         #[cfg(unix)]
         let _hangup = hangup.map(|mut hangup| {
             AbortOnDrop(tokio::spawn(async move {
@@ -334,15 +397,57 @@ pub fn watch(reloader: Arc<Reloader>) -> impl Future<Output = ()> + Send + 'stat
                 }
             }))
         });
+        #[cfg(not(unix))]
+        drop(tx);
         let mut rx = rx;
-        while rx.recv().await.is_some() {
-            // Wait for the burst of events to end.
-            while let Ok(Some(())) = tokio::time::timeout(QUIET, rx.recv()).await {}
+        loop {
+            let reload = tokio::select! {
+                event = rx.recv() => match event {
+                    Some(()) => true,
+                    None => return,
+                },
+                // A reload from elsewhere (`POST /admin/reload`, the cluster)
+                // may name other files: watch them.
+                changed = applied.changed(), if files.is_some() => match changed {
+                    Ok(()) => false,
+                    Err(_) => return,
+                },
+            };
+            if reload {
+                // Wait for the burst of events to end.
+                while let Ok(Some(())) = tokio::time::timeout(QUIET, rx.recv()).await {}
+            }
             let reloader = reloader.clone();
-            // Reading and building can take a moment (large rule sets): off the runtime.
-            let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+            let files = files.clone();
+            // Reading and building can take a moment (large rule sets), and
+            // watching is file system calls: off the runtime.
+            let _ = tokio::task::spawn_blocking(move || {
+                let Some(files) = files else {
+                    reloader.reload();
+                    return;
+                };
+                let mut files = lock(&files);
+                // Watch what the files resolve to now (a symlink may have been
+                // swapped) before reading them, so no later change is missed.
+                files.update(&watched_files(&reloader));
+                if reload {
+                    reloader.reload();
+                    // The new config may name other files; read them once more
+                    // if so, in case they changed before they were watched.
+                    if files.update(&watched_files(&reloader)) {
+                        reloader.reload();
+                    }
+                }
+            })
+            .await;
         }
     }
+}
+
+/// The files a reload reads: the config file and the files it names.
+fn watched_files(reloader: &Reloader) -> Vec<PathBuf> {
+    let current = reloader.current();
+    reloader.path.iter().cloned().chain(current.config.referenced_files().into_iter().map(Path::to_owned)).collect()
 }
 
 /// Aborts a task when dropped.
@@ -354,20 +459,117 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn directory_watcher(path: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let file_name = path.file_name().map(ToOwned::to_owned);
-    let directory = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        let ours = event.paths.iter().any(|p| p.file_name() == file_name.as_deref());
-        if ours && !matches!(event.kind, EventKind::Access(_)) {
-            let _ = tx.send(());
+/// Watches files through their directories, symlinks included: for each
+/// file, the directory of every link met while resolving it and the
+/// directory of the file it resolves to. A Kubernetes ConfigMap is
+/// `config.toml -> ..data/config.toml` with `..data -> v1`, updated by
+/// renaming a new `..data` link over the old one; that rename, and an edit of
+/// `v1/config.toml` itself, are both seen. [`FileWatch::update`] resolves the
+/// files again after each change, so the watch follows the links.
+struct FileWatch {
+    /// The notify watcher; dropping it stops every watch.
+    watcher: notify::RecommendedWatcher,
+    /// The directories watched now.
+    directories: BTreeSet<PathBuf>,
+    /// Names of the files and links that matter, shared with the watcher's
+    /// callback, which ignores events on anything else (the database may
+    /// live in the same directory and change all the time).
+    names: Arc<Mutex<BTreeSet<OsString>>>,
+}
+
+impl FileWatch {
+    /// A watcher that sends `()` to `tx` on each relevant event, watching nothing yet.
+    fn new(tx: mpsc::UnboundedSender<()>) -> notify::Result<Self> {
+        let names = Arc::new(Mutex::new(BTreeSet::<OsString>::new()));
+        let relevant = names.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            let names = lock(&relevant);
+            if event.paths.iter().any(|p| p.file_name().is_some_and(|name| names.contains(name))) {
+                let _ = tx.send(());
+            }
+        })?;
+        Ok(FileWatch { watcher, directories: BTreeSet::new(), names })
+    }
+
+    /// Resolves `files` again and watches what they go through now; returns
+    /// whether that differs from what was watched.
+    fn update(&mut self, files: &[PathBuf]) -> bool {
+        use notify::{RecursiveMode, Watcher};
+        let chain: Vec<PathBuf> = files.iter().flat_map(|file| resolution_chain(file)).collect();
+        let names: BTreeSet<OsString> = chain.iter().filter_map(|p| p.file_name()).map(ToOwned::to_owned).collect();
+        // By canonical name: one directory reached by two paths is one watch.
+        let directories: BTreeSet<PathBuf> = chain
+            .iter()
+            .filter_map(|p| p.parent())
+            .map(|dir| std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned()))
+            .collect();
+        let changed = *lock(&self.names) != names || self.directories != directories;
+        *lock(&self.names) = names;
+        for gone in self.directories.difference(&directories) {
+            // It may be gone already (a ConfigMap deletes the old version).
+            let _ = self.watcher.unwatch(gone);
         }
-    })?;
-    watcher.watch(&directory, RecursiveMode::NonRecursive)?;
-    Ok(watcher)
+        let mut watched = BTreeSet::new();
+        for directory in directories {
+            if self.directories.contains(&directory) {
+                watched.insert(directory);
+                continue;
+            }
+            match self.watcher.watch(&directory, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(directory);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, directory = %directory.display(), "cannot watch a directory of the config")
+                }
+            }
+        }
+        self.directories = watched;
+        changed
+    }
+}
+
+/// Every path whose change can change what `file` reads as: `file` itself
+/// (made absolute), each symlink met while resolving it (in any component),
+/// and the path it resolves to. Resolved by hand, not with `canonicalize`,
+/// to see the links on the way; a missing file ends the chain where it is.
+fn resolution_chain(file: &Path) -> Vec<PathBuf> {
+    /// Links followed before giving up, as the kernel does (ELOOP).
+    const MAX_LINKS: usize = 40;
+    let start = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
+    let mut chain = vec![start.clone()];
+    // Components still to resolve, the next one last.
+    let mut rest: Vec<PathBuf> = start.components().rev().map(|c| PathBuf::from(c.as_os_str())).collect();
+    let mut resolved = PathBuf::new();
+    let mut links = 0;
+    while let Some(component) = rest.pop() {
+        match component.components().next() {
+            Some(Component::CurDir) | None => {}
+            Some(Component::ParentDir) => {
+                resolved.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let next = resolved.join(name);
+                match std::fs::read_link(&next) {
+                    Ok(target) if links < MAX_LINKS => {
+                        links += 1;
+                        chain.push(next);
+                        if target.is_absolute() {
+                            resolved = PathBuf::new();
+                        }
+                        rest.extend(target.components().rev().map(|c| PathBuf::from(c.as_os_str())));
+                    }
+                    _ => resolved = next,
+                }
+            }
+            Some(root) => resolved.push(root.as_os_str()),
+        }
+    }
+    chain.push(resolved);
+    chain.dedup();
+    chain
 }

@@ -71,6 +71,13 @@ impl Server {
         self.reloader.current().config.clone()
     }
 
+    /// Lets config reloads change the level of the log output installed
+    /// with [`crate::logging::init`].
+    pub fn with_log_level(self, level: crate::logging::LogLevel) -> Self {
+        self.reloader.control_log_level(level);
+        self
+    }
+
     /// The policies (config and built filters) the server starts with.
     pub fn policies(&self) -> Arc<Policies> {
         self.reloader.current().clone()

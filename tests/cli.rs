@@ -58,6 +58,37 @@ fn check_reports_every_mistake_with_line_column_and_key() {
 }
 
 #[test]
+fn check_lists_every_problem_inside_filter_entries_and_arrays_at_its_own_key() {
+    let path = temp_config(
+        "nested-mistakes",
+        "[server]\ntrusted_proxies = [\"10.0.0.0/33\", \"nonsense\", \"10.0.0.1\"]\n\n\
+         [[filters]]\nkind = \"rate\"\nper_user = { per_minut = 30, brust = 5 }\n\n\
+         [[filters]]\nkind = \"size\"\nmax_bytes = 10\nenforced = false\nexempt_role = [\"moderator\"]\n\n\
+         [[filters]]\nid = \"short\"\nkind = \"size\"\nmax_chars = \"ten\"\n",
+    );
+    let output = wardroom().arg("check").arg(&path).output().expect("run wardroom check");
+    assert!(!output.status.success(), "a bad config must fail the check");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = [
+        (2, 20, "server.trusted_proxies[0]", "\"10.0.0.0/33\" is neither an IP address nor a network"),
+        (2, 35, "server.trusted_proxies[1]", "\"nonsense\" is neither an IP address nor a network"),
+        (6, 14, "filters[0].per_user.per_minut", "filter `rate` (rate): unknown field `per_minut`"),
+        (6, 30, "filters[0].per_user.brust", "filter `rate` (rate): unknown field `brust`"),
+        (11, 1, "filters[1].enforced", "filter `size` (size): unknown field `enforced`"),
+        (12, 1, "filters[1].exempt_role", "filter `size` (size): unknown field `exempt_role`"),
+        (17, 1, "filters[2].max_chars", "filter `short` (size): invalid type: string \"ten\""),
+    ];
+    let problems: Vec<&str> = stderr.lines().filter(|l| l.starts_with("  ")).collect();
+    assert_eq!(problems.len(), expected.len(), "one line per problem, and nothing else:\n{stderr}");
+    assert!(stderr.lines().next().is_some_and(|l| l.ends_with("7 problems")), "{stderr}");
+    for ((line, column, key, what), problem) in expected.into_iter().zip(problems) {
+        let needle = format!("config.toml:{line}:{column}: `{key}`: {what}");
+        assert!(problem.contains(&needle), "expected {needle:?}, got {problem:?} in:\n{stderr}");
+    }
+    assert!(stderr.contains("(or a key of every entry: `kind`, `id`, `enabled`, `enforce`"), "{stderr}");
+}
+
+#[test]
 fn check_accepts_the_shipped_config() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
     let output = wardroom().args(["check", shipped]).output().expect("run wardroom check");

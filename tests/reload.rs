@@ -1,6 +1,7 @@
-//! Hot reload: in-place edits, saves by rename and truncate-then-write are
-//! applied within a second; invalid files keep the old policies running and
-//! are reported; limits and connections survive a reload.
+//! Hot reload: in-place edits, saves by rename, truncate-then-write and a
+//! Kubernetes ConfigMap's symlink swap are applied within a second, and so is
+//! a rotated public key; invalid files keep the old policies running and are
+//! reported; limits and connections survive a reload.
 
 mod support;
 
@@ -54,9 +55,14 @@ async fn started(words: &[&str]) -> (TempConfig, TestServer, Client) {
 
 /// Within a second, "darn" goes from allowed to refused.
 async fn darn_becomes_refused(client: &mut Client) {
+    becomes_refused(client, "darn").await;
+}
+
+/// Within a second, `word` goes from allowed to refused.
+async fn becomes_refused(client: &mut Client, word: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    while !refused(client, "darn").await {
-        assert!(tokio::time::Instant::now() < deadline, "the new rule was not applied within 1 s");
+    while !refused(client, word).await {
+        assert!(tokio::time::Instant::now() < deadline, "refusing {word:?} was not applied within 1 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -188,4 +194,167 @@ async fn the_admin_api_wants_the_token() {
 
     let plain = TestServer::start().await;
     assert_eq!(http_request(plain.addr, "GET", "/admin/reload", TOKEN).await.0, 404, "no token, no admin API");
+}
+
+/// Test-only RSA key pairs (private, public), from `tests/keys`.
+const KEY_A: (&str, &str) = (include_str!("keys/rsa-a.pem"), include_str!("keys/rsa-a.pub.pem"));
+const KEY_B: (&str, &str) = (include_str!("keys/rsa-b.pem"), include_str!("keys/rsa-b.pub.pem"));
+
+/// An RS256 token for `sub`, valid for an hour, signed with `private_pem`.
+fn rs256_token(private_pem: &str, sub: &str) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let exp = wardroom::protocol::now_ms() / 1000 + 3600;
+    let key = EncodingKey::from_rsa_pem(private_pem.as_bytes()).expect("a test key");
+    encode(&Header::new(Algorithm::RS256), &json!({"sub": sub, "exp": exp}), &key).expect("sign")
+}
+
+/// Whether a client connecting with `token` gets a `welcome` (else it must
+/// be refused as `unauthorized`).
+async fn signs_in(server: &TestServer, token: &str) -> bool {
+    let mut client = Client::connect_any(&format!("ws://{}/ws?token={token}", server.addr)).await;
+    let first = client.recv().await;
+    match first["type"].as_str() {
+        Some("welcome") => true,
+        Some("error") if first["code"] == "unauthorized" => false,
+        _ => panic!("unexpected first frame {first}"),
+    }
+}
+
+/// A config whose `[auth] jwt_public_key` is `key.pem` beside it, holding
+/// `public_pem`.
+fn with_public_key(public_pem: &str, watch: bool) -> TempConfig {
+    let file = TempConfig::new("");
+    let key = file.dir.join("key.pem");
+    std::fs::write(&key, public_pem).expect("write the public key");
+    file.write_in_place(&format!(
+        "[admin]\ntoken = \"test-token\"\n\n[auth]\njwt_public_key = {key:?}\n\n[reload]\nwatch = {watch}\n"
+    ));
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_reload_rereads_a_rotated_public_key() {
+    let file = with_public_key(KEY_A.1, false);
+    let server = TestServer::with_file(&file.path).await;
+    let (old, new) = (rs256_token(KEY_A.0, "u-1"), rs256_token(KEY_B.0, "u-1"));
+    assert!(signs_in(&server, &old).await);
+    assert!(!signs_in(&server, &new).await);
+
+    // Rotate the key; the config text stays the same.
+    std::fs::write(file.dir.join("key.pem"), KEY_B.1).expect("rotate the key");
+    assert!(!signs_in(&server, &new).await, "nothing is watched: the old key runs until a reload");
+    let (code, body) = http_request(server.addr, "POST", "/admin/reload", TOKEN).await;
+    assert_eq!(code, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).expect("status is JSON");
+    assert_eq!(report["outcome"], "applied", "{report}");
+    assert!(signs_in(&server, &new).await, "a token signed with the new key is accepted");
+    assert!(!signs_in(&server, &old).await, "a token signed with the old key is refused");
+
+    // A second reload finds nothing new.
+    let (_, body) = http_request(server.addr, "POST", "/admin/reload", TOKEN).await;
+    assert_eq!(serde_json::from_str::<Value>(&body).expect("JSON")["outcome"], "unchanged", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_public_key_applies_within_a_second_when_watched() {
+    let file = with_public_key(KEY_A.1, true);
+    let server = TestServer::with_file(&file.path).await;
+    let (old, new) = (rs256_token(KEY_A.0, "u-1"), rs256_token(KEY_B.0, "u-1"));
+    assert!(!signs_in(&server, &new).await);
+    std::fs::write(file.dir.join("key.pem"), KEY_B.1).expect("rotate the key");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !signs_in(&server, &new).await {
+        assert!(tokio::time::Instant::now() < deadline, "the new key was not used within 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!signs_in(&server, &old).await);
+}
+
+/// Saves `text` in `dir/name` as `sed -i` does: a new file renamed over it.
+fn save_by_rename(dir: &std::path::Path, name: &str, text: &str) {
+    let temp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&temp, text).expect("write temp file");
+    std::fs::rename(&temp, dir.join(name)).expect("rename over");
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_style_symlink_swap_and_an_edit_of_its_target_apply_within_a_second() {
+    use std::os::unix::fs::symlink;
+    // Kubernetes' layout: config.toml -> ..data/config.toml, ..data -> v1.
+    let file = TempConfig::new("");
+    std::fs::remove_file(&file.path).expect("remove the plain file");
+    let (v1, v2) = (file.dir.join("v1"), file.dir.join("v2"));
+    std::fs::create_dir(&v1).expect("v1");
+    std::fs::write(v1.join("config.toml"), file.with_store(&policy(&["fuck"]))).expect("write v1");
+    symlink("v1", file.dir.join("..data")).expect("..data");
+    symlink("..data/config.toml", &file.path).expect("config.toml");
+    let server = TestServer::with_file(&file.path).await;
+    let mut client = server.client("Alice").await;
+    client.join("lobby").await;
+    assert!(!refused(&mut client, "darn").await);
+
+    // An update: a new version, then ..data swapped by a rename, then the
+    // old version deleted.
+    std::fs::create_dir(&v2).expect("v2");
+    std::fs::write(v2.join("config.toml"), file.with_store(&policy(&["fuck", "darn"]))).expect("write v2");
+    symlink("v2", file.dir.join("..data_tmp")).expect("..data_tmp");
+    std::fs::rename(file.dir.join("..data_tmp"), file.dir.join("..data")).expect("swap ..data");
+    std::fs::remove_dir_all(&v1).expect("remove v1");
+    becomes_refused(&mut client, "darn").await;
+
+    // The file the links now lead to, edited as `sed -i` does, then in place.
+    save_by_rename(&v2, "config.toml", &file.with_store(&policy(&["fuck", "darn", "heck"])));
+    becomes_refused(&mut client, "heck").await;
+    std::fs::write(v2.join("config.toml"), file.with_store(&policy(&["fuck", "darn", "heck", "drat"]))).expect("edit");
+    becomes_refused(&mut client, "drat").await;
+    assert_eq!(status(&server).await["outcome"], "applied");
+}
+
+/// The log lines at `DEBUG` among those arriving within `within`.
+fn debug_lines(lines: &std::sync::mpsc::Receiver<String>, within: Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + within;
+    let mut found = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Ok(line) = lines.recv_timeout(left) else { break };
+        let json: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if json["level"] == "DEBUG" {
+            found.push(line);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_log_level_in_the_config_shows_debug_lines() {
+    let config =
+        |level: &str| format!("[server]\nbind = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"\nlevel = {level:?}\n");
+    let file = TempConfig::new(&config("info"));
+    let (server, lines) = support::process::ServerProcess::start_with_log(env!("CARGO_BIN_EXE_wardroom"), &file.path);
+    // A connection logs `connected` at debug.
+    support::Client::connect(&server.ws_url("nick=Before")).await.close().await;
+    let before = tokio::task::block_in_place(|| debug_lines(&lines, Duration::from_millis(300)));
+    assert!(before.is_empty(), "debug lines at level info: {before:?}");
+
+    file.save_by_rename(&config("wardroom=debug"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        support::Client::connect(&server.ws_url("nick=After")).await.close().await;
+        let seen = tokio::task::block_in_place(|| debug_lines(&lines, Duration::from_millis(100)));
+        if seen.iter().any(|line| line.contains("\"connected\"")) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no debug line within 2 s of raising the level");
+    }
+    assert!(server.terminate());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_format_change_is_reported_as_needing_a_restart() {
+    let (file, server, mut client) = started(&["fuck"]).await;
+    file.save_by_rename(&format!("[log]\nformat = \"json\"\nlevel = \"debug\"\n\n{}", policy(&["fuck", "darn"])));
+    darn_becomes_refused(&mut client).await;
+    let report = status(&server).await;
+    assert_eq!(report["outcome"], "applied");
+    assert_eq!(report["restart_required"], json!(["log.format"]), "the level applies, the format does not");
 }

@@ -309,13 +309,81 @@ impl Options {
 
     /// Deserializes the options into the filter's own config type. Use
     /// `#[serde(deny_unknown_fields)]` on it so that typos are reported.
+    /// An error names the option it is about, as a path such as `per_user`,
+    /// `per_user.burst` or `rules[2].regex` (an unknown key included), so the
+    /// server can point at that key in the file.
+    ///
+    /// ```
+    /// use wardroom_plugin_api::Options;
+    ///
+    /// #[derive(Debug, serde::Deserialize)]
+    /// #[serde(deny_unknown_fields)]
+    /// struct Quota { per_minute: u32 }
+    /// #[derive(Debug, serde::Deserialize)]
+    /// #[serde(deny_unknown_fields)]
+    /// struct MyOptions { per_user: Quota }
+    ///
+    /// let options: serde_json::Value = serde_json::json!({"per_user": {"per_minut": 30}});
+    /// let serde_json::Value::Object(map) = options else { unreachable!() };
+    /// let error = Options::new(map).parse::<MyOptions>().unwrap_err();
+    /// assert_eq!(error.option.as_deref(), Some("per_user.per_minut"));
+    /// assert!(error.message.starts_with("unknown field `per_minut`"));
+    /// ```
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, BuildError> {
-        serde_json::from_value(serde_json::Value::Object(self.0.clone())).map_err(|e| BuildError::new(e.to_string()))
+        serde_path_to_error::deserialize(serde_json::Value::Object(self.0.clone())).map_err(|e| {
+            let option = e.path().iter().next().is_some().then(|| e.path().to_string());
+            BuildError { option, message: e.into_inner().to_string() }
+        })
+    }
+
+    /// Removes the option at `path` (as in [`BuildError::option`]: `a`,
+    /// `a.b`, `a[1].b`); returns whether it was there. The server uses it to
+    /// drop an unknown key and build again, to find every problem at once.
+    pub fn remove(&mut self, path: &str) -> bool {
+        remove_at(&mut self.0, path)
     }
 
     /// The raw value of one option.
     pub fn get(&self, key: &str) -> Option<&serde_json::Value> {
         self.0.get(key)
+    }
+}
+
+/// Removes the entry at a path such as `a[1].b` from `map`.
+fn remove_at(map: &mut serde_json::Map<String, serde_json::Value>, path: &str) -> bool {
+    let (head, rest) = match path.find(['.', '[']) {
+        Some(0) | None => (path, ""),
+        Some(i) => path.split_at(i),
+    };
+    if rest.is_empty() {
+        return map.remove(head).is_some();
+    }
+    let mut value = match map.get_mut(head) {
+        Some(value) => value,
+        None => return false,
+    };
+    let mut rest = rest;
+    // Array indices, then either the end or a key in a table.
+    while let Some(after) = rest.strip_prefix('[') {
+        let Some((index, tail)) = after.split_once(']') else { return false };
+        let Ok(index) = index.parse::<usize>() else { return false };
+        let serde_json::Value::Array(items) = value else { return false };
+        if tail.is_empty() {
+            if index < items.len() {
+                items.remove(index);
+                return true;
+            }
+            return false;
+        }
+        match items.get_mut(index) {
+            Some(item) => value = item,
+            None => return false,
+        }
+        rest = tail;
+    }
+    match (value, rest.strip_prefix('.')) {
+        (serde_json::Value::Object(inner), Some(rest)) => remove_at(inner, rest),
+        _ => false,
     }
 }
 
@@ -513,6 +581,18 @@ mod tests {
         let mut third = BuildContext::new(second.into_kept());
         let fresh = third.state("count", |n: &u32| *n != 7, || 1u32);
         assert_eq!(*fresh, 1, "a state the filter refuses to reuse is replaced");
+    }
+
+    #[test]
+    fn options_are_removed_by_path() {
+        let json = serde_json::json!({"a": 1, "b": {"c": 2, "d": [{"e": 3, "f": 4}, 5]}});
+        let serde_json::Value::Object(map) = json else { unreachable!() };
+        let mut options = Options::new(map);
+        assert!(options.remove("b.d[0].e"));
+        assert!(options.remove("b.d[1]"));
+        assert!(options.remove("a"));
+        assert!(!options.remove("b.x") && !options.remove("b.d[3]") && !options.remove("b.c.z"));
+        assert_eq!(options.0, serde_json::json!({"b": {"c": 2, "d": [{"f": 4}]}}).as_object().unwrap().clone());
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //!
 //! serde stops at the first error. To report all of them, the document is
 //! parsed once with spans, then deserialized repeatedly: each failure is
-//! recorded with its place in the file, the offending key is removed from the
-//! document, and deserialization is tried again, until it succeeds. The
-//! semantic checks then run on the result.
+//! recorded with its place in the file, the offending key (or array
+//! element) is removed from the document, and deserialization is tried
+//! again, until it succeeds. The semantic checks then run on the result.
+//! Filter options get the same treatment when the filters are built (see
+//! `pipeline`).
 
 use std::fmt;
 use std::ops::Range;
@@ -15,6 +17,9 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::Config;
+
+/// Problems found by deserializing before the rest are left unlisted.
+const MAX_PROBLEMS: usize = 100;
 
 /// One problem in a config file, at a line and column.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,17 +98,23 @@ pub fn parse_then<T>(
     }
 
     let mut problems = Vec::new();
+    // Keys are named as in the file: indices count the elements written,
+    // not those left after removing the ones found wrong.
+    let original = doc.clone();
     let config = loop {
         let deserializer = toml::de::Deserializer::from(doc.clone());
         match Config::deserialize(deserializer) {
             Ok(config) => break Some(config),
             Err(e) => {
                 let start = e.span().map_or(0, |s| s.start);
-                let removed = e.span().and_then(|span| remove_entry_at(doc.get_mut(), &span));
-                let stop = removed.is_none();
-                problems.push(Problem::at(text, start, removed, e.message()));
-                if stop {
-                    // Nothing left to remove: further attempts would repeat this error.
+                let key = e.span().and_then(|span| path_at(original.get_ref(), &span));
+                let removed = e.span().is_some_and(|span| remove_entry_at(doc.get_mut(), &span));
+                problems.push(Problem::at(text, start, key, e.message()));
+                if !removed || problems.len() >= MAX_PROBLEMS {
+                    // Nothing left to remove: further attempts would repeat
+                    // this error. Or enough to act on: each attempt costs a
+                    // pass over the document (a long list of wrong numbers
+                    // must not take quadratic time).
                     break None;
                 }
             }
@@ -159,32 +170,73 @@ fn floor_char_boundary(text: &str, offset: usize) -> usize {
     offset
 }
 
-/// Removes the innermost entry whose key or value contains `span` and returns
-/// its dotted path. Tables (whose spans cover only their headers) and arrays
-/// of tables are searched entry by entry; other values count as one entry.
-fn remove_entry_at(table: &mut DeTable<'_>, span: &Range<usize>) -> Option<String> {
-    let contains = |outer: Range<usize>| outer.start <= span.start && span.end <= outer.end;
+/// Whether `outer` contains `span`.
+fn contains(outer: &Range<usize>, span: &Range<usize>) -> bool {
+    outer.start <= span.start && span.end <= outer.end
+}
+
+/// The dotted path (`server.trusted_proxies[1]`, `filters[2].rooms`) of the
+/// innermost entry or array element whose key or value contains `span`.
+/// Tables (whose spans cover only their headers) and arrays are searched
+/// entry by entry, element by element.
+fn path_at(table: &DeTable<'_>, span: &Range<usize>) -> Option<String> {
+    table.iter().find_map(|(key, value)| {
+        let inner = path_in(value.get_ref(), span).map(|path| format!("{}{path}", key.get_ref()));
+        inner.or_else(|| {
+            (contains(&key.span(), span) || contains(&value.span(), span)).then(|| key.get_ref().to_string())
+        })
+    })
+}
+
+/// [`path_at`] inside a value, as a suffix: `.key…` or `[index]…`.
+fn path_in(value: &DeValue<'_>, span: &Range<usize>) -> Option<String> {
+    match value {
+        DeValue::Table(inner) => path_at(inner, span).map(|path| format!(".{path}")),
+        DeValue::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let inner = path_in(item.get_ref(), span).map(|path| format!("[{i}]{path}"));
+            inner.or_else(|| contains(&item.span(), span).then(|| format!("[{i}]")))
+        }),
+        _ => None,
+    }
+}
+
+/// Removes what [`path_at`] finds: the innermost entry or array element
+/// containing `span`. Returns whether something was removed.
+fn remove_entry_at(table: &mut DeTable<'_>, span: &Range<usize>) -> bool {
     let mut found = None;
     for (key, value) in table.iter_mut() {
-        let inner = match value.get_mut() {
-            DeValue::Table(inner) => remove_entry_at(inner, span).map(|path| format!(".{path}")),
-            DeValue::Array(items) => items.iter_mut().enumerate().find_map(|(i, item)| match item.get_mut() {
-                DeValue::Table(inner) => remove_entry_at(inner, span).map(|path| format!("[{i}].{path}")),
-                _ => None,
-            }),
-            _ => None,
-        };
-        if let Some(path) = inner {
-            return Some(format!("{}{path}", key.get_ref()));
+        if remove_in(value.get_mut(), span) {
+            return true;
         }
-        if contains(key.span()) || contains(value.span()) {
+        if contains(&key.span(), span) || contains(&value.span(), span) {
             found = Some(key.get_ref().to_string());
             break;
         }
     }
-    let name = found?;
-    table.remove(name.as_str());
-    Some(name)
+    found.is_some_and(|name| table.remove(name.as_str()).is_some())
+}
+
+/// [`remove_entry_at`] inside a value.
+fn remove_in(value: &mut DeValue<'_>, span: &Range<usize>) -> bool {
+    match value {
+        DeValue::Table(inner) => remove_entry_at(inner, span),
+        DeValue::Array(items) => {
+            for i in 0..items.len() {
+                let item = &mut items.as_mut()[i];
+                if remove_in(item.get_mut(), span) {
+                    return true;
+                }
+                if contains(&item.span(), span) {
+                    // `DeArray` has no `remove`; only parsing reads its other field.
+                    let all = std::mem::replace(items, toml::de::DeArray::new());
+                    *items = all.into_iter().enumerate().filter(|(j, _)| *j != i).map(|(_, item)| item).collect();
+                    return true;
+                }
+            }
+            false
+        }
+        _ => false,
+    }
 }
 
 /// The span of the key at a dotted path such as `filters[2].rules[0].regex`,
@@ -258,6 +310,18 @@ mod tests {
             "{problems:#?}"
         );
         assert!(problems[0].message.contains("unknown field `bnd`"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn every_wrong_element_of_a_list_is_reported_at_its_place() {
+        let problems =
+            parse("[server]\ntrusted_proxies = [\"a\", \"10.0.0.1\", \"b\"]\n").expect_err("two bad entries");
+        let summary: Vec<_> = problems.iter().map(|p| (p.line, p.column, p.key.clone().unwrap_or_default())).collect();
+        assert_eq!(
+            summary,
+            vec![(2, 20, "server.trusted_proxies[0]".to_owned()), (2, 37, "server.trusted_proxies[2]".to_owned())],
+            "indices count the elements as written: {problems:#?}"
+        );
     }
 
     #[test]

@@ -277,19 +277,39 @@ impl Default for ServerConfig {
     }
 }
 
-/// Parses a list of addresses or networks into networks.
+/// Parses a list of addresses or networks into networks, each element on
+/// its own, so that every wrong one is reported at its place.
 fn ip_networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
-    let entries = Vec::<String>::deserialize(deserializer)?;
-    entries
-        .iter()
-        .map(|entry| {
-            entry.parse::<IpNet>().or_else(|_| entry.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| {
-                serde::de::Error::custom(format!(
-                    "{entry:?} is neither an IP address nor a network such as \"10.0.0.0/8\""
-                ))
-            })
-        })
-        .collect()
+    /// One element: an address or a network.
+    struct Network(IpNet);
+
+    impl<'de> Deserialize<'de> for Network {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            // A visitor, so that the error is raised while the element is
+            // read and carries the element's place in the file.
+            struct Visitor;
+            impl serde::de::Visitor<'_> for Visitor {
+                type Value = Network;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("an IP address or a network such as \"10.0.0.0/8\"")
+                }
+                fn visit_str<E: serde::de::Error>(self, entry: &str) -> Result<Network, E> {
+                    entry
+                        .parse::<IpNet>()
+                        .or_else(|_| entry.parse::<std::net::IpAddr>().map(IpNet::from))
+                        .map(Network)
+                        .map_err(|_| {
+                            E::custom(format!(
+                                "{entry:?} is neither an IP address nor a network such as \"10.0.0.0/8\""
+                            ))
+                        })
+                }
+            }
+            deserializer.deserialize_str(Visitor)
+        }
+    }
+
+    Ok(Vec::<Network>::deserialize(deserializer)?.into_iter().map(|network| network.0).collect())
 }
 
 /// Smallest `limits.outbound_queue`: the two frames a message is answered
@@ -441,6 +461,14 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// The files this config names and is built from (today only
+    /// `[auth] jwt_public_key`), so that a reload notices when one of them
+    /// changes even though the config text did not. The store's database is
+    /// not one: it is data, and `[store]` needs a restart anyway.
+    pub fn referenced_files(&self) -> Vec<&std::path::Path> {
+        self.auth.jwt_public_key.iter().map(std::path::PathBuf::as_path).collect()
+    }
+
     /// Semantic checks that serde cannot express: ranges and relations between
     /// keys. Returns `(dotted key, message)` for every violation.
     fn semantic_problems(&self) -> Vec<(String, String)> {

@@ -19,14 +19,26 @@ impl ServerProcess {
     /// Starts `wardroom --config <path>` (the config should bind port 0 and
     /// log JSON) and waits for it to say where it listens.
     pub fn start(binary: &str, config: &Path) -> Self {
-        let mut child = Command::new(binary)
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start wardroom");
+        let (server, rx) = Self::spawn(binary, config, Some("info"));
+        // Keep draining the log so the process never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        server
+    }
+
+    /// Like [`ServerProcess::start`], without `RUST_LOG` (so `[log] level`
+    /// decides), and returning the log lines that follow `listening`.
+    pub fn start_with_log(binary: &str, config: &Path) -> (Self, mpsc::Receiver<String>) {
+        Self::spawn(binary, config, None)
+    }
+
+    fn spawn(binary: &str, config: &Path, rust_log: Option<&str>) -> (Self, mpsc::Receiver<String>) {
+        let mut command = Command::new(binary);
+        command.arg("--config").arg(config).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        match rust_log {
+            Some(filter) => command.env("RUST_LOG", filter),
+            None => command.env_remove("RUST_LOG"),
+        };
+        let mut child = command.spawn().expect("start wardroom");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -44,9 +56,7 @@ impl ServerProcess {
                 break line["fields"]["addr"].as_str().and_then(|a| a.parse().ok()).expect("addr field");
             }
         };
-        // Keep draining the log so the process never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        server
+        (server, rx)
     }
 
     /// `ws://…/ws` with a query string.
