@@ -622,7 +622,14 @@ impl Hub {
             {
                 tracing::warn!("a staff name was not shared with the cluster: the broker queue is full");
             }
-            self.moderation.note_staff_name(looks);
+            if self.moderation.note_staff_name(looks.clone()) {
+                // Kept, so that the name stays protected after a restart.
+                self.commit_then(vec![Write::StaffName { looks, at: now_ms() }], |result| {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "a staff name was not stored");
+                    }
+                });
+            }
             self.send_pending_review(client);
         }
         client.set_identity(identity);

@@ -146,6 +146,7 @@ impl ModerationState {
             mutes: snapshot.mutes.into_iter().map(|m| (m.user_id.clone(), m)).collect(),
             strikes: snapshot.strikes.into_iter().collect(),
             rooms: snapshot.rooms.into_iter().map(|r| (r.room.clone(), r)).collect(),
+            staff_names: snapshot.staff_names.into_iter().collect(),
             ..Inner::default()
         };
         ModerationState { inner: Mutex::new(inner) }
@@ -249,9 +250,10 @@ impl ModerationState {
     }
 
     /// Remembers a staff member's name (its look-alike keys), so guests
-    /// cannot imitate it.
-    pub fn note_staff_name(&self, keys: Vec<String>) {
-        lock(&self.inner).staff_names.extend(keys);
+    /// cannot imitate it; returns whether any key is new.
+    pub fn note_staff_name(&self, keys: Vec<String>) -> bool {
+        let mut inner = lock(&self.inner);
+        keys.into_iter().fold(false, |new, key| inner.staff_names.insert(key) || new)
     }
 
     /// Brings bans, mutes and room settings up to date with the store, for

@@ -128,3 +128,31 @@ async fn kill_9_loses_no_acknowledged_message_ban_mute_or_audit_entry() {
     let actions: Vec<&str> = audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["mute", "ban"], "{audit}");
 }
+
+/// A guest may not take a look-alike of a staff member's name, also after a
+/// restart, before that staff member has come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staff_members_name_stays_protected_after_a_restart() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let config = config("[auth]\njwt_secret = \"durable-secret\"\nroles = { \"mod-1\" = [\"moderator\"] }\n");
+    let server = start(&config);
+    let exp = wardroom::protocol::now_ms() / 1000 + 3600;
+    let claims = json!({"sub": "mod-1", "name": "Mara", "exp": exp});
+    let token =
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"durable-secret")).expect("sign");
+    let moderator = Client::connect(&server.ws_url(&format!("token={token}"))).await;
+    assert_eq!(moderator.welcome["user"]["roles"], json!(["member", "moderator"]));
+    moderator.close().await;
+    assert!(server.terminate(), "exit 0 on SIGTERM");
+
+    let server = start(&config);
+    // As written, with a Cyrillic а, and in capitals with a Greek Μ.
+    for disguise in ["Mara", "M%D0%B0ra", "%CE%9CARA"] {
+        let mut guest = Client::connect(&server.ws_url(&format!("nick={disguise}"))).await;
+        assert!(guest.nick().starts_with("guest-"), "{disguise}: {}", guest.welcome);
+        let error = guest.recv().await;
+        assert_eq!(error["code"], "invalid_nick", "{disguise}: {error}");
+    }
+    let guest = Client::connect(&server.ws_url("nick=Marek")).await;
+    assert_eq!(guest.nick(), "Marek", "other names are free");
+}

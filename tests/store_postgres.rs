@@ -194,7 +194,11 @@ fn nodes_starting_together_migrate_once() {
         })
         .collect();
     let opened: Vec<PostgresStore> = handles.into_iter().map(|handle| handle.join().expect("open")).collect();
-    assert_eq!(scalar(&pg.schema, "SELECT count(*) || ':' || max(version) FROM wardroom_schema"), "1:1");
+    let version = wardroom::store::SCHEMA_VERSION;
+    assert_eq!(
+        scalar(&pg.schema, "SELECT count(*) || ':' || max(version) FROM wardroom_schema"),
+        format!("{version}:{version}")
+    );
     // All of them work on the one schema.
     for (n, store) in opened.iter().enumerate() {
         let id = n as u64 + 1;
@@ -204,21 +208,26 @@ fn nodes_starting_together_migrate_once() {
     drop(opened);
     // Opening again changes nothing.
     drop(pg.open());
-    assert_eq!(scalar(&pg.schema, "SELECT count(*) FROM wardroom_schema"), "1");
+    assert_eq!(scalar(&pg.schema, "SELECT count(*) FROM wardroom_schema"), version.to_string());
 }
 
 #[test]
 fn a_newer_schema_is_refused_and_left_unchanged() {
     let pg = Pg::new();
+    let supported = wardroom::store::SCHEMA_VERSION;
+    let versions: Vec<String> = (1..=supported + 1).map(|v| format!("({v})")).collect();
     sql(
         Some(&pg.schema),
-        "CREATE TABLE wardroom_schema (version INTEGER PRIMARY KEY);
-         INSERT INTO wardroom_schema VALUES (1), (2);
-         CREATE TABLE future (x TEXT); INSERT INTO future VALUES ('keep me');",
+        &format!(
+            "CREATE TABLE wardroom_schema (version INTEGER PRIMARY KEY);
+             INSERT INTO wardroom_schema VALUES {};
+             CREATE TABLE future (x TEXT); INSERT INTO future VALUES ('keep me');",
+            versions.join(", ")
+        ),
     )
     .expect("future schema");
     match PostgresStore::open(&pg.store_config(pg.url(), 0, None)) {
-        Err(StoreError::TooNew { found, supported }) => assert_eq!((found, supported), (2, 1)),
+        Err(StoreError::TooNew { found, supported: s }) => assert_eq!((found, s), (supported + 1, supported)),
         other => panic!("expected TooNew, got {other:?}"),
     }
     let tables = scalar(

@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 
 /// Schema version this build writes; a database from a newer version is
 /// refused rather than touched.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub use queue::{MAX_GROUP_WRITES, StoreStats};
 
@@ -351,6 +351,14 @@ pub enum Write {
     RoomSettings(RoomSettings),
     /// Append to the audit log.
     Audit(AuditEntry),
+    /// Remember a staff member's name (its look-alike keys), so that guests
+    /// cannot take a look-alike of it after a restart either.
+    StaffName {
+        /// The keys.
+        looks: Vec<String>,
+        /// When it was seen, ms since the Unix epoch.
+        at: u64,
+    },
 }
 
 /// What one write produced.
@@ -415,6 +423,9 @@ pub struct Snapshot {
     pub strikes: Vec<(String, Strikes)>,
     /// Room settings that differ from the defaults.
     pub rooms: Vec<RoomSettings>,
+    /// Look-alike keys of every staff member's name seen
+    /// ([`crate::identity::impersonation_keys`]).
+    pub staff_names: Vec<String>,
 }
 
 /// Durable storage. Implementations must be cheap to call from async code:

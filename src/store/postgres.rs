@@ -156,10 +156,18 @@ const RETENTION_LOCK: i32 = 0x5772_0001;
 /// Schema migrations, oldest first: entry `n` takes the database from
 /// version `n` to `n + 1`. A later schema change is one more entry (and a
 /// bump of [`SCHEMA_VERSION`]).
-pub const MIGRATIONS: &[&str] = &[MIGRATION_1];
+pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
 
 // A new SCHEMA_VERSION needs its migration, and the reverse.
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
+
+/// Version 2: staff names seen (as in the SQLite store).
+const MIGRATION_2: &str = "
+CREATE TABLE staff_names (
+    look TEXT NOT NULL PRIMARY KEY,
+    seen_at BIGINT NOT NULL
+);
+";
 
 /// Version 1: the tables of the SQLite store, in PostgreSQL's types.
 const MIGRATION_1: &str = r#"
@@ -595,6 +603,7 @@ const MUTES_SQL: &str = "SELECT user_id, until, reason, actor, created_at FROM m
      WHERE until > $1 ORDER BY user_id COLLATE \"C\"";
 const STRIKES_SQL: &str =
     "SELECT user_id, points, updated_at FROM strikes WHERE points > 0 ORDER BY user_id COLLATE \"C\"";
+const STAFF_NAMES_SQL: &str = "SELECT look FROM staff_names ORDER BY look COLLATE \"C\"";
 const ROOMS_SQL: &str = "SELECT room, slow_mode_secs, locked FROM room_settings
      WHERE slow_mode_secs <> 0 OR locked ORDER BY room COLLATE \"C\"";
 const BANS_SQL: &str = "SELECT id, user_id, cidr, reason, actor, created_at, expires_at FROM bans ORDER BY id DESC";
@@ -679,8 +688,11 @@ impl Store for PostgresStore {
                     })
                 })
                 .collect::<Result<Vec<_>, PgError>>()?;
+            let statement = prepared(&mut tx, statements, STAFF_NAMES_SQL)?;
+            let staff_names =
+                tx.query(&statement, &[])?.iter().map(|row| row.try_get(0)).collect::<Result<Vec<String>, _>>()?;
             tx.commit()?;
-            Ok(Snapshot { bans, mutes, strikes, rooms })
+            Ok(Snapshot { bans, mutes, strikes, rooms, staff_names })
         })
     }
 
@@ -1500,6 +1512,16 @@ fn apply_write(
                 "UPDATE review_items SET status = $2, decided_by = $3, decided_at = $4 WHERE id = $1",
                 &[id, &status.as_str(), by, &stored_time(*at)],
             )?;
+            Written::Done
+        }
+        Write::StaffName { looks, at } => {
+            for look in looks {
+                run(
+                    "INSERT INTO staff_names (look, seen_at) VALUES ($1, $2)
+                     ON CONFLICT (look) DO UPDATE SET seen_at = EXCLUDED.seen_at",
+                    &[look, &stored_time(*at)],
+                )?;
+            }
             Written::Done
         }
         Write::RoomSettings(settings) => {

@@ -162,10 +162,19 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Schema migrations, oldest first: entry `n` takes the database from
 /// version `n` to `n + 1`. A later schema change is one more entry (and a
 /// bump of [`SCHEMA_VERSION`]).
-pub const MIGRATIONS: &[&str] = &[MIGRATION_1];
+pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
 
 // A new SCHEMA_VERSION needs its migration, and the reverse.
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
+
+/// Version 2: staff names seen, so that their protection from look-alike
+/// guest names survives a restart.
+const MIGRATION_2: &str = "
+CREATE TABLE staff_names (
+    look TEXT NOT NULL PRIMARY KEY,
+    seen_at INTEGER NOT NULL
+) WITHOUT ROWID;
+";
 
 /// Version 1: every table and the indexes the queries use.
 const MIGRATION_1: &str = "
@@ -500,8 +509,12 @@ impl Store for SqliteStore {
             })?
             .collect::<Result<Vec<_>, _>>()?
         };
+        let staff_names = {
+            let mut stmt = tx.prepare_cached("SELECT look FROM staff_names ORDER BY look")?;
+            stmt.query_map([], |row| row.get(0))?.collect::<Result<Vec<String>, _>>()?
+        };
         tx.finish()?;
-        Ok(Snapshot { bans, mutes, strikes, rooms })
+        Ok(Snapshot { bans, mutes, strikes, rooms, staff_names })
     }
 
     fn bans(&self, active_at: Option<u64>) -> Result<Vec<Ban>, StoreError> {
@@ -1269,6 +1282,16 @@ fn apply_batch(conn: &Connection, writes: &[Write]) -> rusqlite::Result<Vec<Writ
                 .execute(params![id, status.as_str(), by, stored_time(*at)])?;
                 Written::Done
             }
+            Write::StaffName { looks, at } => {
+                let mut stmt = conn.prepare_cached(
+                    "INSERT INTO staff_names (look, seen_at) VALUES (?1, ?2)
+                     ON CONFLICT (look) DO UPDATE SET seen_at = excluded.seen_at",
+                )?;
+                for look in looks {
+                    stmt.execute(params![look, stored_time(*at)])?;
+                }
+                Written::Done
+            }
             Write::RoomSettings(settings) => {
                 conn.prepare_cached(
                     "INSERT INTO room_settings (room, slow_mode_secs, locked) VALUES (?1, ?2, ?3)
@@ -1551,6 +1574,37 @@ mod tests {
     fn newer_schema_is_refused_and_left_unchanged() {
         too_new_is_refused("DELETE");
         too_new_is_refused("WAL");
+    }
+
+    /// A database of every earlier schema version is migrated at start-up,
+    /// keeping what it holds.
+    #[test]
+    fn older_schemas_are_migrated_and_keep_their_data() {
+        for version in 1..SCHEMA_VERSION {
+            let dir = TempDir::new("old-schema");
+            let path = dir.db();
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+            {
+                let conn = Connection::open(&path).expect("create");
+                for sql in &MIGRATIONS[..version as usize] {
+                    conn.execute_batch(sql).expect("old schema");
+                }
+                conn.execute_batch(&format!(
+                    "INSERT INTO bans (user_id, reason, actor, created_at) VALUES ('u1', 'spam', 'm', 1);
+                     PRAGMA user_version = {version};"
+                ))
+                .expect("old data");
+            }
+            let store = SqliteStore::open(&config(path.clone())).expect("migrated");
+            let snapshot = store.snapshot(2).expect("snapshot");
+            assert_eq!(snapshot.bans.iter().map(|b| b.user_id.as_deref()).collect::<Vec<_>>(), [Some("u1")]);
+            assert_eq!(commit(&store, vec![Write::StaffName { looks: vec!["rnara".into()], at: 2 }]), [Written::Done]);
+            assert_eq!(store.snapshot(2).expect("snapshot").staff_names, ["rnara"]);
+            store.close();
+            let conn = Connection::open(&path).expect("open");
+            let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).expect("version");
+            assert_eq!(found, i64::from(SCHEMA_VERSION), "from version {version}");
+        }
     }
 
     #[test]

@@ -396,6 +396,8 @@ pub fn reopening_keeps_everything_and_does_not_reuse_ids<B: Backend>(b: &B) {
         Write::Review(review(ReviewKind::Held, "x")),
         Write::RoomSettings(RoomSettings { room: "lobby".into(), slow_mode_secs: 5, locked: true }),
         Write::Audit(audit("mod1", "ban", Some("u1"), None)),
+        Write::StaffName { looks: vec!["rnara".into(), "mara".into()], at: 3 },
+        Write::StaffName { looks: vec!["rnara".into()], at: 4 },
     ];
     let (history, snapshot, items, entries) = {
         let store = b.open(0, None);
@@ -410,9 +412,10 @@ pub fn reopening_keeps_everything_and_does_not_reuse_ids<B: Backend>(b: &B) {
     let store = b.open(0, None);
     assert_eq!(store.history("lobby", None, 10).expect("history"), history);
     let again = store.snapshot(1_000).expect("snapshot");
+    assert_eq!(snapshot.staff_names, ["mara", "rnara"], "each key once, in order");
     assert_eq!(
-        (again.bans, again.mutes, again.strikes, again.rooms),
-        (snapshot.bans, snapshot.mutes, snapshot.strikes, snapshot.rooms)
+        (again.bans, again.mutes, again.strikes, again.rooms, again.staff_names),
+        (snapshot.bans, snapshot.mutes, snapshot.strikes, snapshot.rooms, snapshot.staff_names)
     );
     assert_eq!(store.review_items(None).expect("items"), items);
     assert_eq!(store.audit(&AuditQuery { limit: 10, ..AuditQuery::default() }).expect("audit"), entries);
