@@ -253,7 +253,11 @@ impl ModerationState {
     /// cannot imitate it; returns whether any key is new.
     pub fn note_staff_name(&self, keys: Vec<String>) -> bool {
         let mut inner = lock(&self.inner);
-        keys.into_iter().fold(false, |new, key| inner.staff_names.insert(key) || new)
+        let mut new = false;
+        for key in keys {
+            new |= inner.staff_names.insert(key);
+        }
+        new
     }
 
     /// Brings bans, mutes and room settings up to date with the store, for
