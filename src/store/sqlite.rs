@@ -131,7 +131,12 @@ const WAL_RESET_FRAMES: i64 = if cfg!(test) { 256 } else { 16_384 };
 const WAL_RESET_REMAINDER: i64 = if cfg!(test) { 64 } else { 256 };
 
 /// WAL size past which the writer starts the WAL over however long the
-/// pause, should the checkpointer not keep up.
+/// pause, should the checkpointer not keep up or readers keep the WAL in
+/// use: it then tries after every commit, waits for a checkpointer's pass
+/// to end, and waits up to [`BUSY_TIMEOUT`] (not [`WAL_RESET_WAIT`]) for
+/// readers to leave the WAL. (With a short wait and a back-off after failed
+/// tries, a reader the scheduler paused inside the WAL let it grow for up
+/// to a second of commits.)
 const WAL_FORCE_FRAMES: i64 = 4 * WAL_RESET_FRAMES;
 
 /// How long the writer waits for readers to leave the WAL when starting it
@@ -955,8 +960,10 @@ impl Writer {
         }
         let remainder = frames - backfilled.max(0);
         // Once wanted, the checkpointer starts no pass: go on until done.
+        // Past the force limit, no back-off and no short wait (below).
+        let forced = frames >= WAL_FORCE_FRAMES;
         if !shared.reset_wanted.load(Ordering::Relaxed) {
-            if (remainder > WAL_RESET_REMAINDER && frames < WAL_FORCE_FRAMES) || Instant::now() < self.next_wal_reset {
+            if !forced && (remainder > WAL_RESET_REMAINDER || Instant::now() < self.next_wal_reset) {
                 return;
             }
             shared.reset_wanted.store(true, Ordering::Relaxed);
@@ -964,13 +971,16 @@ impl Writer {
         let turn = match shared.checkpoint_turn.try_lock() {
             Ok(turn) => turn,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            // Forced: wait for the checkpointer's pass to end.
+            Err(TryLockError::WouldBlock) if forced => crate::lock(&shared.checkpoint_turn),
             // The checkpointer is in a pass; it starts no other, so next time.
             Err(TryLockError::WouldBlock) => return,
         };
         // RESTART also waits for readers still on the WAL, so that the next
         // transaction can start it over; but only briefly (a slow reader
-        // means another try later, not stalled commits).
-        let result = self.conn.busy_timeout(WAL_RESET_WAIT).and_then(|()| checkpoint(&self.conn, "RESTART"));
+        // means another try later, not stalled commits), unless forced.
+        let wait = if forced { BUSY_TIMEOUT } else { WAL_RESET_WAIT };
+        let result = self.conn.busy_timeout(wait).and_then(|()| checkpoint(&self.conn, "RESTART"));
         if let Err(e) = self.conn.busy_timeout(BUSY_TIMEOUT) {
             tracing::warn!(error = %e, "cannot restore the store's busy timeout");
         }
