@@ -639,10 +639,12 @@ impl Hub {
     /// `review` frames when they arrive, so that a page opened, reloaded or
     /// reconnected after an item was queued still shows it.
     fn send_pending_review(&self, client: &Client) {
-        const MOST: usize = 100;
+        // At most 100, and a quarter of the client's queue, so that a small
+        // `outbound_queue` does not close a moderator as it signs in.
+        let most = (client.outbox.capacity() / 4).clamp(1, 100);
         match self.store().review_items(Some(crate::store::ReviewStatus::Pending)) {
             Ok(items) => {
-                for item in items.iter().take(MOST) {
+                for item in items.iter().take(most) {
                     client.outbox.push(encode(&ServerFrame::Review { item }));
                 }
             }
@@ -1495,6 +1497,9 @@ impl Hub {
     ) -> Result<(), RequestError> {
         client.room(name).ok_or_else(|| not_member(name))?;
         let max = self.policies().config.rooms.history_page_max;
+        if limit == Some(0) {
+            return Err(RequestError::new(ErrorCode::BadRequest, format!("`limit` is from 1 to {max}, not 0")));
+        }
         let limit = limit.unwrap_or(max).min(max);
         // One more than asked tells whether older messages exist.
         let mut messages = self

@@ -117,7 +117,16 @@ impl Authenticator {
     /// Verifies a token: signature, algorithm, `exp` (required), and `iss`
     /// and `aud` when configured.
     pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
-        let header = decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        // The decoder's message for an unknown `alg` lists the library's
+        // algorithms; say only what is wrong.
+        let header = decode_header(token).map_err(|e| {
+            AuthError::Invalid(match e.kind() {
+                jsonwebtoken::errors::ErrorKind::Json(_) => {
+                    "the header is not valid (or names an algorithm that is not accepted)".to_owned()
+                }
+                _ => e.to_string(),
+            })
+        })?;
         let key = match header.alg {
             Algorithm::HS256 => self.secret.as_ref(),
             Algorithm::RS256 => self.public_key.as_ref(),
@@ -133,6 +142,8 @@ impl Authenticator {
         let mut validation = Validation::new(header.alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 5;
+        // A token that is not valid yet (RFC 7519 §4.1.5) is refused too.
+        validation.validate_nbf = true;
         if let Some(issuer) = &self.issuer {
             validation.set_issuer(&[issuer]);
         }
@@ -279,7 +290,16 @@ mod tests {
         assert!(matches!(a.verify(&no_exp), Err(AuthError::Invalid(_))));
         // alg=none: header {"alg":"none"}, no signature.
         let none = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ1LTEiLCJleHAiOjk5OTk5OTk5OTl9.";
-        assert!(matches!(a.verify(none), Err(AuthError::Invalid(_))));
+        match a.verify(none) {
+            Err(AuthError::Invalid(why)) => {
+                assert!(!why.contains("HS384"), "no list of the library's algorithms: {why}")
+            }
+            other => panic!("alg=none: {other:?}"),
+        }
+        let not_yet = token("s3cret", json!({"sub": "u-1", "exp": in_an_hour(), "nbf": in_an_hour() - 60}));
+        assert!(matches!(a.verify(&not_yet), Err(AuthError::Invalid(_))), "nbf in the future");
+        let valid_now = token("s3cret", json!({"sub": "u-1", "exp": in_an_hour(), "nbf": in_an_hour() - 3600}));
+        assert!(a.verify(&valid_now).is_ok(), "nbf now");
         assert_eq!(auth("").verify(&forged), Err(AuthError::NotConfigured));
         let guest = token("s3cret", json!({"sub": "guest:abc", "exp": in_an_hour()}));
         assert!(matches!(a.verify(&guest), Err(AuthError::Invalid(_))));

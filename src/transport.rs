@@ -174,6 +174,11 @@ fn upgrade(
         return plain(StatusCode::TOO_MANY_REQUESTS, "too many connections from your address");
     }
 
+    // Browsers send one Origin; with two, a check of the first alone could
+    // be passed with an allowed one in front of the real one.
+    if headers.get_all(http::header::ORIGIN).iter().nth(1).is_some() {
+        return plain(StatusCode::BAD_REQUEST, "more than one Origin header");
+    }
     let origin = headers.get(http::header::ORIGIN).and_then(|v| v.to_str().ok());
     let outcome = hub.policies().pipeline.on_connect(&Connection { addr: client_ip, origin, user_id: None });
     hub.record_outcome(&outcome, client_ip, None);

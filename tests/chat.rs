@@ -178,6 +178,9 @@ async fn joined_carries_recent_history_and_history_pages_backwards() {
 
     bob.send(json!({"type": "history", "room": "elsewhere"})).await;
     assert_eq!(bob.recv().await["code"], "not_member");
+    bob.send(json!({"type": "history", "room": "lobby", "limit": 0})).await;
+    let error = bob.recv().await;
+    assert_eq!(error["code"], "bad_request", "a page of nothing, with more to come, is no answer: {error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -531,3 +531,23 @@ async fn a_member_flooding_moderation_requests_is_held_to_the_request_budget() {
     let audit = admin_get(&server, &format!("/admin/audit?actor={guest_id}")).await;
     assert_eq!(audit.as_array().unwrap().len(), 2, "only the attempts within the budget: {audit}");
 }
+
+/// A moderator signing in gets the pending review queue, but no more of it
+/// than a quarter of a small outbound queue, and stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_review_queue_does_not_close_a_moderator_with_a_small_queue() {
+    let server = TestServer::with_toml(&format!("{CONFIG}\n[limits]\noutbound_queue = 16\n")).await;
+    let mut guest = server.client("Alice").await;
+    guest.join("lobby").await;
+    for i in 0..30 {
+        guest.send(json!({"type": "message", "room": "lobby", "content": format!("call 555123{i:04}")})).await;
+        until(&mut guest, "held").await;
+    }
+    let mut moderator = user(&server, "mod-1", "Sentinel").await;
+    for _ in 0..4 {
+        assert_eq!(moderator.recv().await["type"], "review");
+    }
+    // Nothing else queued; the moderator is connected and answered.
+    let joined = moderator.join("lobby").await;
+    assert_eq!(joined["type"], "joined", "{joined}");
+}

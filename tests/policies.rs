@@ -164,6 +164,10 @@ async fn origins_are_checked_before_the_upgrade() {
     assert!(upgrade("https://chat.example.com").await.is_none());
     assert!(upgrade("https://rooms.example.org").await.is_none());
     assert!(RawClient::try_connect(server.addr, "/ws", "", None).await.is_ok(), "no Origin: allowed by default");
+    // An allowed Origin in front of another does not let the other in.
+    let two = "Origin: https://chat.example.com\r\nOrigin: https://evil.example.net\r\n";
+    let refused = RawClient::try_connect(server.addr, "/ws", two, None).await.err().expect("refused");
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
