@@ -14,7 +14,7 @@ use tokio::task::AbortHandle;
 
 use crate::hub::Room;
 use crate::lock;
-use crate::outbox::{Outbox, Pushed};
+use crate::outbox::{Depth, Outbox, Pushed};
 use crate::protocol::UserView;
 
 /// Identifies a connection for the lifetime of the process.
@@ -165,12 +165,12 @@ pub struct Client {
 
 impl Client {
     /// A new client with a placeholder identity (set by the hub on register).
-    pub fn new(id: ConnId, session: u64, addr: IpAddr, outbound_queue: usize, now: u64) -> Self {
+    pub fn new(id: ConnId, session: u64, addr: IpAddr, outbox: Outbox, now: u64) -> Self {
         Self {
             id,
             session,
             addr,
-            outbox: Outbox::new(outbound_queue),
+            outbox,
             identity: Mutex::new(Arc::new(Identity {
                 user_id: "".into(),
                 nick: "".into(),
@@ -275,32 +275,47 @@ impl Client {
 /// client's own connection task); dropping it releases what was not sent,
 /// so a reply given up (a callback dropped at shutdown, say) cannot leave the
 /// reader paused.
+///
+/// Each promised frame reserves bytes as well ([`REPLY_BYTES`], or what the
+/// caller knows it needs), and exactly what was reserved is released.
 #[derive(Debug)]
 pub struct Reply {
     /// Who waits.
     client: Arc<Client>,
-    /// Frames still promised.
-    frames: usize,
+    /// Frames and bytes still promised.
+    promised: Depth,
 }
 
+/// Bytes reserved for each promised frame that is not a chat message (an
+/// `ack`, `done`, `held`, `renamed` or an error): more than any of them
+/// takes, since a `ref` is at most 64 bytes and a room name 64 characters.
+pub const REPLY_BYTES: usize = 1024;
+
 impl Reply {
-    /// Promises `frames` frames to `client`.
+    /// Promises `frames` small frames ([`REPLY_BYTES`] each) to `client`.
     pub fn new(client: &Arc<Client>, frames: usize) -> Reply {
-        client.outbox.promise(frames);
-        Reply { client: client.clone(), frames }
+        Self::with_bytes(client, frames, frames * REPLY_BYTES)
+    }
+
+    /// Promises `frames` frames of `bytes` bytes in all to `client` (a
+    /// message's echo, whose size the caller knows, and its `ack`).
+    pub fn with_bytes(client: &Arc<Client>, frames: usize, bytes: usize) -> Reply {
+        let promised = Depth { frames, bytes };
+        client.outbox.promise(promised);
+        Reply { client: client.clone(), promised }
     }
 
     /// Queues `frame` as the reply's last frame, releasing the promise.
     pub fn send(mut self, frame: Bytes) -> Pushed {
-        let frames = std::mem::take(&mut self.frames);
-        self.client.outbox.push_releasing(frame, frames)
+        let promised = std::mem::take(&mut self.promised);
+        self.client.outbox.push_releasing(frame, promised)
     }
 }
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        if self.frames > 0 {
-            self.client.outbox.release(self.frames);
+        if self.promised != Depth::default() {
+            self.client.outbox.release(self.promised);
         }
     }
 }
@@ -311,13 +326,13 @@ mod tests {
 
     #[test]
     fn a_reply_is_promised_until_sent_or_dropped() {
-        let client = Arc::new(Client::new(1, 1, IpAddr::from([127, 0, 0, 1]), 8, 0));
+        let client = Arc::new(Client::new(1, 1, IpAddr::from([127, 0, 0, 1]), Outbox::new(8, 1 << 20), 0));
         let sent = Reply::new(&client, 2);
-        let dropped = Reply::new(&client, 1);
-        assert_eq!(client.outbox.backlog(), 3);
+        let dropped = Reply::with_bytes(&client, 1, 5000);
+        assert_eq!(client.outbox.backlog(), Depth { frames: 3, bytes: 2 * REPLY_BYTES + 5000 });
         assert_eq!(sent.send(Bytes::from_static(b"ack")), Pushed::Queued);
-        assert_eq!((client.outbox.len(), client.outbox.backlog()), (1, 2));
+        assert_eq!((client.outbox.len(), client.outbox.backlog()), (1, Depth { frames: 2, bytes: 5003 }));
         drop(dropped);
-        assert_eq!(client.outbox.backlog(), 1);
+        assert_eq!(client.outbox.backlog(), Depth { frames: 1, bytes: 3 });
     }
 }

@@ -1358,7 +1358,8 @@ mod tests {
 
     #[test]
     fn an_ack_waits_for_both_commit_and_delivery() {
-        let client = Arc::new(Client::new(1, 1, IpAddr::from([127, 0, 0, 1]), 8, 0));
+        let client =
+            Arc::new(Client::new(1, 1, IpAddr::from([127, 0, 0, 1]), crate::outbox::Outbox::new(8, 1 << 20), 0));
         let frame = crate::protocol::parse_client_frame(r#"{"type":"leave","room":"a","ref":"r"}"#);
         let reference = frame.ok().and_then(|f| f.reference).expect("a ref");
         let mut pending = HashMap::new();

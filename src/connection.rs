@@ -12,8 +12,8 @@
 //! - the reader waits for readability, reads into a per-thread scratch buffer
 //!   (an idle connection owns no read buffer), parses frames and acts on them.
 //!   It never waits for the writer, except by design: while the client's own
-//!   outbox is at least half full, counting the replies its requests still
-//!   owe it (`Outbox::backlog`), the reader pauses, so a client that sends
+//!   outbox is at least half full, in frames or in bytes, counting the
+//!   replies its requests still owe it (`Outbox::backlog`), the reader pauses, so a client that sends
 //!   faster than it reads is slowed by TCP instead of buffered without bound,
 //!   and the replies to what it pipelined always fit in its queue.
 //!   It also pauses after `REQUESTS_PER_POLL` requests and yields the
@@ -117,6 +117,7 @@ pub async fn upgrade(
         stream: parts.io.into_inner(),
         reader: MessageReader::new(limits.max_frame_bytes, limits.max_message_bytes),
         batch: VecDeque::new(),
+        partial: false,
         read_end: None,
         write_owed: false,
         pacing: false,
@@ -126,7 +127,6 @@ pub async fn upgrade(
         close_taken: false,
         close_written: false,
         lingering: false,
-        pause_at: pause_threshold(client.outbox.capacity()),
         _ticket: ticket,
     };
     if !parts.read_buf.is_empty() {
@@ -185,6 +185,9 @@ pub struct Connection {
     reader: MessageReader,
     /// Frames taken from the outbox and not yet fully written.
     batch: VecDeque<Bytes>,
+    /// The first frame of `batch` is partly written: it must be finished
+    /// before anything else, a Close frame included.
+    partial: bool,
     /// Set once reading is over.
     read_end: Option<ReadEnd>,
     /// The last poll read and yielded: this one writes before reading.
@@ -205,8 +208,6 @@ pub struct Connection {
     /// After failing the connection: our side is shut, the client's input
     /// is drained until it closes, so it reads our Close frame, not a reset.
     lingering: bool,
-    /// Outbox backlog at which the reader pauses.
-    pause_at: u32,
     /// The connection's admission slots, freed when it ends.
     _ticket: Option<Ticket>,
 }
@@ -249,7 +250,9 @@ impl Connection {
         // Found with nothing to read: its read waker is registered, and
         // nothing in this poll reads it, so a read would only check again.
         let unreadable = !owed && !self.stream.poll_read_ready(cx).is_ready();
-        let mut may_write = owed || unreadable;
+        // A close that drops the queue (a slow consumer) sends its Close
+        // frame now, without reading first.
+        let mut may_write = owed || unreadable || self.session.client.outbox.discarding();
         self.pacing = may_write && self.write_must_wait();
         if self.pacing {
             self.session.hub.pace_write(cx.waker());
@@ -281,7 +284,7 @@ impl Connection {
                 return self.owe_write(cx, may_write);
             }
             if self.paused {
-                if self.session.client.outbox.backlog() >= self.pause_at as usize {
+                if self.session.client.outbox.half_full() {
                     // The writer must drain the outbox first (if it is
                     // blocked on the socket, it will wake us), and promised
                     // replies must arrive (queuing or releasing them wakes
@@ -292,8 +295,8 @@ impl Connection {
                     return self.owe_write(cx, false);
                 }
                 self.paused = false;
-                let (session, pause_at, budget) = (&self.session, self.pause_at as usize, &mut self.budget);
-                let result = self.reader.resume(|event| session.on_event(event, pause_at, budget));
+                let (session, budget) = (&self.session, &mut self.budget);
+                let result = self.reader.resume(|event| session.on_event(event, budget));
                 self.after_feed(result);
                 may_write = false;
                 continue;
@@ -352,14 +355,23 @@ impl Connection {
 
     /// Writes the batch, refilling it from the outbox, until both are empty
     /// (ready) or the socket is full (pending).
+    ///
+    /// Once a close drops the queue (a slow consumer), the frames taken and
+    /// not yet started are dropped too: the Close frame goes out right after
+    /// the frame being written, instead of behind up to a whole queue that a
+    /// client this far behind may never read within the close deadline.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
+            if !self.close_taken && self.session.client.outbox.discarding() {
+                self.batch.truncate(usize::from(self.partial));
+            }
             while !self.batch.is_empty() {
                 ready!(self.stream.poll_write_ready(cx))?;
                 match write_batch(&self.stream, &self.batch) {
                     Ok(written) => {
                         self.last_write = Instant::now();
-                        let frames = advance(&mut self.batch, written);
+                        let (frames, partial) = advance(&mut self.batch, written);
+                        self.partial = partial || (self.partial && frames == 0);
                         let metrics = &self.session.hub.metrics;
                         metrics.frames_out.add(frames);
                         metrics.socket_writes.inc();
@@ -417,8 +429,8 @@ impl Connection {
         // Limits follow the running config: a reload applies to open connections.
         let limits = &self.session.hub.policies().config.limits;
         self.reader.set_limits(limits.max_frame_bytes, limits.max_message_bytes);
-        let (session, pause_at, budget) = (&self.session, self.pause_at as usize, &mut self.budget);
-        let result = self.reader.feed(data, |event| session.on_event(event, pause_at, budget));
+        let (session, budget) = (&self.session, &mut self.budget);
+        let result = self.reader.feed(data, |event| session.on_event(event, budget));
         self.after_feed(result);
     }
 
@@ -450,12 +462,6 @@ fn yield_now(cx: &mut Context<'_>) -> Poll<ReadEnd> {
     Poll::Pending
 }
 
-/// Outbox backlog at which a connection's reader pauses: half its queue
-/// (the queue it started with: a reload does not resize open outboxes).
-fn pause_threshold(outbound_queue: usize) -> u32 {
-    u32::try_from(outbound_queue / 2).unwrap_or(u32::MAX).max(1)
-}
-
 /// One `write` of the first frames of `batch`: a frame alone is written as
 /// it is; several are copied into one buffer first (up to [`GATHER_BYTES`]).
 /// Returns the bytes written, as `writev` would.
@@ -477,19 +483,19 @@ fn write_batch(stream: &TcpStream, batch: &VecDeque<Bytes>) -> io::Result<usize>
 }
 
 /// Drops `written` bytes from the front of `batch`; returns how many frames
-/// were completed.
-fn advance(batch: &mut VecDeque<Bytes>, mut written: usize) -> u64 {
+/// were completed, and whether the write ended inside a frame.
+fn advance(batch: &mut VecDeque<Bytes>, mut written: usize) -> (u64, bool) {
     let mut completed = 0;
     while let Some(front) = batch.front_mut() {
         if written < front.len() {
             front.advance(written);
-            break;
+            return (completed, written > 0);
         }
         written -= front.len();
         batch.pop_front();
         completed += 1;
     }
-    completed
+    (completed, false)
 }
 
 /// What the reader needs to act on events.
@@ -500,9 +506,9 @@ struct Session {
 
 impl Session {
     /// Acts on one event; pauses reading once the client's outbox backlog
-    /// (queued and promised frames) is `pause_at` or the poll's request
-    /// `budget` is spent.
-    fn on_event(&self, event: Event<'_>, pause_at: usize, budget: &mut u32) -> Flow {
+    /// (queued and promised frames) reaches half its queue, in frames or in
+    /// bytes, or the poll's request `budget` is spent.
+    fn on_event(&self, event: Event<'_>, budget: &mut u32) -> Flow {
         let closing = self.client.outbox.closing_since().is_some();
         match event {
             Event::Close(code) => {
@@ -528,7 +534,7 @@ impl Session {
                 self.on_text(text);
             }
         }
-        if self.client.outbox.backlog() >= pause_at || *budget == 0 { Flow::Pause } else { Flow::Continue }
+        if self.client.outbox.half_full() || *budget == 0 { Flow::Pause } else { Flow::Continue }
     }
 
     fn on_text(&self, text: &str) {
@@ -606,9 +612,10 @@ mod tests {
     #[test]
     fn advance_handles_partial_frames() {
         let mut batch: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fgh"].into_iter().map(Bytes::from_static).collect();
-        assert_eq!(advance(&mut batch, 4), 1);
+        assert_eq!(advance(&mut batch, 4), (1, true));
         assert_eq!(batch, [Bytes::from_static(b"e"), Bytes::from_static(b"fgh")]);
-        assert_eq!(advance(&mut batch, 4), 2);
+        assert_eq!(advance(&mut batch, 1), (1, false));
+        assert_eq!(advance(&mut batch, 3), (1, false));
         assert!(batch.is_empty());
     }
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::client::{Client, ConnId, Identity, IdentityKind, Reply, Roles};
+use crate::client::{Client, ConnId, Identity, IdentityKind, REPLY_BYTES, Reply, Roles};
 use crate::cluster::{
     AckReady, Cluster, Effect, NickAnswer, NickClaim, NickOp, NickPurpose, PostRequest, PresenceKind, RemoteMember,
 };
@@ -37,7 +37,7 @@ use crate::lock;
 use crate::metrics::{Metrics, Snapshot};
 use crate::moderation::{Held, ModerationState};
 use crate::names::{fold_nick, validate_nick, validate_room};
-use crate::outbox::{CloseReason, Pushed};
+use crate::outbox::{CloseReason, Depth, Outbox, Pushed};
 use crate::pipeline::{Outcome, VerdictCounts};
 use crate::policy::{Policies, Reloader};
 use crate::protocol::{
@@ -400,8 +400,9 @@ impl Hub {
     /// [`Hub::register`] welcomes it once the upgrade completes.
     pub fn new_client(&self, addr: IpAddr) -> Arc<Client> {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let client =
-            Arc::new(Client::new(id, random_u64(), addr, self.policies().config.limits.outbound_queue, self.now()));
+        let limits = &self.policies().config.limits;
+        let outbox = Outbox::new(limits.outbound_queue, limits.outbound_queue_bytes);
+        let client = Arc::new(Client::new(id, random_u64(), addr, outbox, self.now()));
         lock(&self.clients).insert(id, client.clone());
         self.live.send_modify(|n| *n += 1);
         client
@@ -765,15 +766,17 @@ impl Hub {
     /// Current values for `/metrics`.
     pub fn snapshot(&self, tcp_connections: usize) -> Snapshot {
         let clients: Vec<Arc<Client>> = lock(&self.clients).values().cloned().collect();
-        let depths = clients.iter().map(|c| c.outbox.len());
+        let depths: Vec<Depth> = clients.iter().map(|c| c.outbox.depth()).collect();
         Snapshot {
             verdicts: self.verdicts.snapshot(),
             reloads: self.reloader.counts().collect(),
             connections: clients.len(),
             tcp_connections,
             rooms: lock(&self.rooms).len(),
-            queued_frames: depths.clone().sum(),
-            max_queued_frames: depths.max().unwrap_or(0),
+            queued_frames: depths.iter().map(|d| d.frames).sum(),
+            max_queued_frames: depths.iter().map(|d| d.frames).max().unwrap_or(0),
+            queued_bytes: depths.iter().map(|d| d.bytes).sum(),
+            max_queued_bytes: depths.iter().map(|d| d.bytes).max().unwrap_or(0),
             cluster: self.cluster.as_ref().map(|c| (c.is_connected(), c.remote_membership_count())),
         }
     }
@@ -1135,16 +1138,22 @@ impl Hub {
         }
 
         if let Some(cluster) = &self.cluster {
-            // Both the echo (from the broker) and the ack come later.
-            let waiting = Some((Reply::new(client, 1 + usize::from(reference.is_some())), reference.cloned()));
+            let floor = lock(&room.state).last_id;
+            let ts = now_ms();
+            let post = self.post_request(&room.name, floor, &identity.user_id, &identity.nick, &message.content, ts);
+            // Both the echo (from the broker: this JSON with an id of at
+            // most 20 digits, in a frame header of at most 10 bytes) and
+            // the ack come later.
+            let echo_bytes = post.head.len() + post.tail.len() + 30;
+            let acked = reference.is_some();
+            let reply =
+                Reply::with_bytes(client, 1 + usize::from(acked), echo_bytes + usize::from(acked) * REPLY_BYTES);
+            let waiting = Some((reply, reference.cloned()));
             let flags = outcome.flags;
             let on_id: Option<OnId> = (!flags.is_empty()).then(|| {
                 let (identity, content, room) = (identity.clone(), message.content.clone(), room.name.clone());
                 Box::new(move |hub: &Hub, id: u64| hub.flag(&room, id, &identity, &content, &flags)) as OnId
             });
-            let floor = lock(&room.state).last_id;
-            let ts = now_ms();
-            let post = self.post_request(&room.name, floor, &identity.user_id, &identity.nick, &message.content, ts);
             let post = PostRequest { on_id, ..post };
             cluster.post(post, waiting).map_err(|_| cut_off())?;
             self.metrics.messages_in.inc();

@@ -125,6 +125,10 @@ pub struct Snapshot {
     pub queued_frames: usize,
     /// Frames waiting in the longest outbound queue.
     pub max_queued_frames: usize,
+    /// Bytes waiting in all outbound queues.
+    pub queued_bytes: usize,
+    /// Bytes waiting in the largest outbound queue (by bytes).
+    pub max_queued_bytes: usize,
     /// In a cluster: whether the broker is reachable, and how many room
     /// members other nodes have.
     pub cluster: Option<(bool, usize)>,
@@ -220,6 +224,18 @@ impl Metrics {
             "gauge",
             "Frames waiting in the longest outbound queue.",
             &plain(now.max_queued_frames as u64),
+        );
+        metric(
+            "wardroom_outbound_queued_bytes",
+            "gauge",
+            "Bytes waiting in all outbound queues.",
+            &plain(now.queued_bytes as u64),
+        );
+        metric(
+            "wardroom_outbound_queue_max_bytes",
+            "gauge",
+            "Bytes waiting in the largest outbound queue.",
+            &plain(now.max_queued_bytes as u64),
         );
         metric(
             "wardroom_frames_out_total",

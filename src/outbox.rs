@@ -2,23 +2,27 @@
 //!
 //! The hub pushes shared frames ([`Bytes`] clones: a reference count, no copy)
 //! from any task; the client's connection task takes everything queued at once
-//! and writes it with one `write` (copied together, up to 64 KiB). A client whose queue is full when a frame
-//! arrives is a slow consumer: its queue is dropped and it is closed with 1008,
-//! so that nobody else waits for it.
+//! and writes it with one `write` (copied together, up to 64 KiB). The queue is
+//! bounded twice, in frames and in bytes: a client whose queue is full in
+//! either when a frame arrives is a slow consumer: its queue is dropped and it
+//! is closed with 1008, so that nobody else waits for it. An empty queue takes
+//! any frame, so one frame larger than the byte budget (a big `history` page)
+//! still reaches a client that keeps up.
 //!
 //! The connection's reader pauses while the outbox's [backlog](Outbox::backlog)
-//! reaches half the queue. The backlog counts the frames queued and the frames
-//! promised: replies the client's own requests will still bring (an `ack` once
-//! the message is committed, a moderator's `done`). Without them, a client that
-//! pipelines requests could be read far ahead of its replies, whose burst after
-//! a commit would then overflow the queue although the client reads promptly.
+//! reaches half the queue, in frames or in bytes. The backlog counts the frames
+//! queued and the frames promised: replies the client's own requests will still
+//! bring (an `ack` once the message is committed, a moderator's `done`), each
+//! with the bytes reserved for it. Without them, a client that pipelines
+//! requests could be read far ahead of its replies, whose burst after a commit
+//! would then overflow the queue although the client reads promptly.
 //!
 //! A `std::sync::Mutex` (not a tokio one) guards the queue: it is held only for
 //! a push or a swap, never across an `.await`.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -121,23 +125,43 @@ pub enum Next {
     Closing,
 }
 
+/// Frames and bytes, of a queue or of what it must still hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Depth {
+    /// Frames.
+    pub frames: usize,
+    /// Bytes of those frames.
+    pub bytes: usize,
+}
+
 /// One client's outbound queue.
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
     /// Most frames the queue may hold (fixed for the connection's life).
     capacity: usize,
+    /// Most bytes the queue may hold, unless it holds a single frame
+    /// (fixed for the connection's life).
+    capacity_bytes: usize,
     /// Frames promised to this client and not yet queued (see the module
     /// docs). Raised without the lock by the client's own reader; lowered,
     /// and read for [`Outbox::backlog`], under it, so that a reply moving
     /// from promised to queued is counted once, never zero times.
     promised: AtomicUsize,
+    /// Bytes reserved for the promised frames, kept like `promised`.
+    promised_bytes: AtomicUsize,
+    /// Set when a close drops what is queued (a slow consumer, a deadline):
+    /// the writer then drops the frames it took and has not started either,
+    /// so the Close frame follows at once. Read without the lock, per write.
+    discarding: AtomicBool,
 }
 
 #[derive(Debug)]
 struct State {
     /// Frames not yet handed to the writer.
     queue: VecDeque<Bytes>,
+    /// Bytes of the frames in `queue`.
+    bytes: usize,
     /// The writer's waker while it waits for frames.
     waker: Option<Waker>,
     /// The Close frame to send, until the writer takes it.
@@ -149,55 +173,63 @@ struct State {
 }
 
 impl Outbox {
-    /// An empty outbox holding at most `capacity` frames.
-    pub fn new(capacity: usize) -> Self {
+    /// An empty outbox holding at most `capacity` frames and, unless it
+    /// holds a single frame, `capacity_bytes` bytes.
+    pub fn new(capacity: usize, capacity_bytes: usize) -> Self {
         Self {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
+                bytes: 0,
                 waker: None,
                 close_frame: None,
                 closing_since: None,
                 close_reason: None,
             }),
             capacity,
+            capacity_bytes,
             promised: AtomicUsize::new(0),
+            promised_bytes: AtomicUsize::new(0),
+            discarding: AtomicBool::new(false),
         }
-    }
-
-    /// Most frames the queue may hold.
-    pub fn capacity(&self) -> usize {
-        self.capacity
     }
 
     /// Queues a frame for this client.
     pub fn push(&self, frame: Bytes) -> Pushed {
-        self.push_releasing(frame, 0)
+        self.push_releasing(frame, Depth::default())
     }
 
-    /// Promises `frames` replies to come (see the module docs); each must be
-    /// released once queued or given up, with [`Outbox::push_releasing`] or
-    /// [`Outbox::release`] (`client::Reply` pairs them).
-    pub fn promise(&self, frames: usize) {
-        self.promised.fetch_add(frames, Ordering::Relaxed);
+    /// Promises `reply.frames` replies of at most about `reply.bytes` bytes
+    /// in all (see the module docs); each must be released once queued or
+    /// given up, with [`Outbox::push_releasing`] or [`Outbox::release`]
+    /// (`client::Reply` pairs them).
+    pub fn promise(&self, reply: Depth) {
+        self.promised.fetch_add(reply.frames, Ordering::Relaxed);
+        self.promised_bytes.fetch_add(reply.bytes, Ordering::Relaxed);
     }
 
-    /// Queues a frame and, in the same step, releases `released` promised
-    /// frames (the frame is the reply that was promised).
+    /// Queues a frame and, in the same step, releases a promise made with
+    /// [`Outbox::promise`] (the frame is the reply that was promised).
+    ///
+    /// The queue overflows when it holds `capacity` frames, or when the
+    /// frame would take it past `capacity_bytes`; an empty queue takes any
+    /// frame.
     #[inline]
-    pub fn push_releasing(&self, frame: Bytes, released: usize) -> Pushed {
+    pub fn push_releasing(&self, frame: Bytes, released: Depth) -> Pushed {
         let (pushed, waker) = {
             let mut state = lock(&self.state);
-            if released > 0 {
-                self.promised.fetch_sub(released, Ordering::Relaxed);
+            if released != Depth::default() {
+                self.release_locked(released);
             }
             if state.closing_since.is_some() {
                 return Pushed::Closed;
             }
-            if state.queue.len() >= self.capacity {
-                state.queue = VecDeque::new();
+            let full = state.queue.len() >= self.capacity || state.bytes + frame.len() > self.capacity_bytes;
+            if full && !state.queue.is_empty() {
+                self.discard(&mut state);
                 state.start_close(CloseCode::POLICY, "slow consumer", CloseReason::SlowConsumer);
                 (Pushed::Overflow, state.waker.take())
             } else {
+                state.bytes += frame.len();
                 state.queue.push_back(frame);
                 (Pushed::Queued, state.waker.take())
             }
@@ -208,18 +240,31 @@ impl Outbox {
         pushed
     }
 
-    /// Releases `frames` promised frames that will not be queued (or were
-    /// queued already), and wakes the connection: its reader may have
-    /// paused for them.
-    pub fn release(&self, frames: usize) {
+    /// Releases a promise whose frames will not be queued (or were queued
+    /// already), and wakes the connection: its reader may have paused for
+    /// them.
+    pub fn release(&self, promise: Depth) {
         let waker = {
             let mut state = lock(&self.state);
-            self.promised.fetch_sub(frames, Ordering::Relaxed);
+            self.release_locked(promise);
             state.waker.take()
         };
         if let Some(waker) = waker {
             waker.wake();
         }
+    }
+
+    /// Lowers the promised counts; called with the state locked.
+    fn release_locked(&self, promise: Depth) {
+        self.promised.fetch_sub(promise.frames, Ordering::Relaxed);
+        self.promised_bytes.fetch_sub(promise.bytes, Ordering::Relaxed);
+    }
+
+    /// Drops what is queued, and tells the writer to drop what it took.
+    fn discard(&self, state: &mut State) {
+        state.queue = VecDeque::new();
+        state.bytes = 0;
+        self.discarding.store(true, Ordering::Relaxed);
     }
 
     /// Starts closing the client: what is queued is written first (or dropped
@@ -232,7 +277,7 @@ impl Outbox {
                 return false;
             }
             if discard {
-                state.queue = VecDeque::new();
+                self.discard(&mut state);
             }
             state.start_close(code, reason, why);
             state.waker.take()
@@ -253,16 +298,45 @@ impl Outbox {
         lock(&self.state).close_reason
     }
 
+    /// Whether the close under way drops what is queued, and the frames
+    /// the writer took but has not started writing too.
+    pub fn discarding(&self) -> bool {
+        self.discarding.load(Ordering::Relaxed)
+    }
+
+    /// Most frames it holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Frames waiting (not yet taken by the writer).
     pub fn len(&self) -> usize {
         lock(&self.state).queue.len()
     }
 
-    /// Frames waiting plus frames promised: what the queue must still be
-    /// able to hold for this client's requests so far.
-    pub fn backlog(&self) -> usize {
+    /// Frames and bytes waiting (not yet taken by the writer).
+    pub fn depth(&self) -> Depth {
         let state = lock(&self.state);
-        state.queue.len() + self.promised.load(Ordering::Relaxed)
+        Depth { frames: state.queue.len(), bytes: state.bytes }
+    }
+
+    /// Frames waiting plus frames promised, and their bytes (those of
+    /// promised frames as reserved): what the queue must still be able to
+    /// hold for this client's requests so far.
+    pub fn backlog(&self) -> Depth {
+        let state = lock(&self.state);
+        Depth {
+            frames: state.queue.len() + self.promised.load(Ordering::Relaxed),
+            bytes: state.bytes + self.promised_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the [backlog](Outbox::backlog) has reached half the queue, in
+    /// frames or in bytes: the point at which the client's reader pauses, so
+    /// that the replies to what it read still fit in the other half.
+    pub fn half_full(&self) -> bool {
+        let backlog = self.backlog();
+        backlog.frames >= (self.capacity / 2).max(1) || backlog.bytes >= (self.capacity_bytes / 2).max(1)
     }
 
     /// Frames waiting, or `None` once the close has started (one lock, for
@@ -283,6 +357,7 @@ impl Outbox {
         debug_assert!(batch.is_empty());
         let mut state = lock(&self.state);
         std::mem::swap(&mut state.queue, batch);
+        state.bytes = 0;
         if let Some(frame) = state.close_frame.take() {
             batch.push_back(frame);
             return Poll::Ready(Next::Closing);
@@ -317,9 +392,14 @@ mod tests {
         (poll, batch.into_iter().collect())
     }
 
+    /// A promise of `frames` frames of 10 bytes each.
+    fn replies(frames: usize) -> Depth {
+        Depth { frames, bytes: frames * 10 }
+    }
+
     #[test]
     fn overflow_drops_the_queue_and_closes_with_1008() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(2, 1024);
         assert_eq!(outbox.push(Bytes::from_static(b"a")), Pushed::Queued);
         assert_eq!(outbox.push(Bytes::from_static(b"b")), Pushed::Queued);
         assert_eq!(outbox.push(Bytes::from_static(b"c")), Pushed::Overflow);
@@ -330,8 +410,41 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_past_the_byte_budget_overflows_unless_the_queue_is_empty() {
+        let outbox = Outbox::new(8, 10);
+        let page = Bytes::from(vec![b'p'; 25]);
+        assert_eq!(outbox.push(page.clone()), Pushed::Queued, "an empty queue takes a frame over the budget");
+        assert_eq!(outbox.depth(), Depth { frames: 1, bytes: 25 });
+        let (poll, batch) = next(&outbox);
+        assert_eq!((poll, batch), (Poll::Ready(Next::Frames), vec![page]));
+        assert_eq!(outbox.depth(), Depth::default(), "the writer took the bytes with the frames");
+        assert_eq!(outbox.push(Bytes::from_static(b"12345")), Pushed::Queued);
+        assert_eq!(outbox.push(Bytes::from_static(b"67890")), Pushed::Queued);
+        assert!(!outbox.discarding());
+        assert_eq!(outbox.push(Bytes::from_static(b"!")), Pushed::Overflow);
+        assert!(outbox.discarding(), "the writer must drop what it took too");
+        assert_eq!(outbox.depth(), Depth::default());
+        let (poll, batch) = next(&outbox);
+        assert_eq!((poll, batch), (Poll::Ready(Next::Closing), vec![close_frame(1008, "slow consumer")]));
+    }
+
+    #[test]
+    fn the_reader_pauses_at_half_the_queue_in_frames_or_in_bytes() {
+        let outbox = Outbox::new(4, 100);
+        outbox.push(Bytes::from_static(b"a"));
+        assert!(!outbox.half_full());
+        outbox.push(Bytes::from_static(b"b"));
+        assert!(outbox.half_full(), "2 of 4 frames");
+        let outbox = Outbox::new(4, 100);
+        outbox.push(Bytes::from(vec![b'x'; 49]));
+        assert!(!outbox.half_full());
+        outbox.promise(Depth { frames: 0, bytes: 1 });
+        assert!(outbox.half_full(), "49 bytes queued and 1 reserved of 100");
+    }
+
+    #[test]
     fn close_without_discard_flushes_queued_frames_first() {
-        let outbox = Outbox::new(8);
+        let outbox = Outbox::new(8, 1024);
         outbox.push(Bytes::from_static(b"a"));
         assert!(outbox.close(1001, "bye", CloseReason::Shutdown, false));
         assert!(!outbox.close(1000, "again", CloseReason::Client, false));
@@ -343,21 +456,21 @@ mod tests {
 
     #[test]
     fn promised_frames_count_in_the_backlog_until_queued_or_released() {
-        let outbox = Outbox::new(4);
-        outbox.promise(2);
-        assert_eq!((outbox.len(), outbox.backlog()), (0, 2));
-        assert_eq!(outbox.push_releasing(Bytes::from_static(b"echo"), 0), Pushed::Queued);
-        assert_eq!((outbox.len(), outbox.backlog()), (1, 3));
-        assert_eq!(outbox.push_releasing(Bytes::from_static(b"ack"), 2), Pushed::Queued);
-        assert_eq!((outbox.len(), outbox.backlog()), (2, 2));
-        outbox.promise(1);
-        outbox.release(1);
-        assert_eq!(outbox.backlog(), 2);
+        let outbox = Outbox::new(4, 1024);
+        outbox.promise(replies(2));
+        assert_eq!((outbox.len(), outbox.backlog()), (0, Depth { frames: 2, bytes: 20 }));
+        assert_eq!(outbox.push_releasing(Bytes::from_static(b"echo"), Depth::default()), Pushed::Queued);
+        assert_eq!((outbox.len(), outbox.backlog()), (1, Depth { frames: 3, bytes: 24 }));
+        assert_eq!(outbox.push_releasing(Bytes::from_static(b"ack"), replies(2)), Pushed::Queued);
+        assert_eq!((outbox.len(), outbox.backlog()), (2, Depth { frames: 2, bytes: 7 }));
+        outbox.promise(replies(1));
+        outbox.release(replies(1));
+        assert_eq!(outbox.backlog(), Depth { frames: 2, bytes: 7 });
         // Closing drops the frame, not the release.
-        outbox.promise(1);
+        outbox.promise(replies(1));
         outbox.close(1001, "bye", CloseReason::Shutdown, true);
-        assert_eq!(outbox.push_releasing(Bytes::from_static(b"late"), 1), Pushed::Closed);
-        assert_eq!(outbox.backlog(), 0);
+        assert_eq!(outbox.push_releasing(Bytes::from_static(b"late"), replies(1)), Pushed::Closed);
+        assert_eq!(outbox.backlog(), Depth::default());
     }
 
     #[test]
@@ -370,16 +483,16 @@ mod tests {
         }
         let flag = std::sync::Arc::new(Flag(false.into()));
         let waker = Waker::from(flag.clone());
-        let outbox = Outbox::new(4);
-        outbox.promise(1);
+        let outbox = Outbox::new(4, 1024);
+        outbox.promise(replies(1));
         let mut batch = VecDeque::new();
         assert!(outbox.poll_next(&mut Context::from_waker(&waker), &mut batch).is_pending());
-        outbox.release(1);
+        outbox.release(replies(1));
         assert!(flag.0.load(Ordering::SeqCst), "the reader paused for the promise must look again");
     }
 
     #[test]
     fn empty_outbox_is_pending() {
-        assert_eq!(next(&Outbox::new(1)).0, Poll::Pending);
+        assert_eq!(next(&Outbox::new(1, 1)).0, Poll::Pending);
     }
 }

@@ -112,9 +112,11 @@ async fn ten_kill_9_rounds_lose_nothing_acknowledged() {
     let dir = fresh_dir();
     let db = dir.join("wardroom.db");
     let config = dir.join("config.toml");
+    // No request budget: after each round one client pages through the
+    // whole history.
     let text = format!(
         "[server]\nbind = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n[admin]\ntoken = \"admin-token\"\n\
-         [auth]\njwt_secret = \"crash-secret\"\n[limits]\noutbound_queue = 100000\n[store]\npath = {db:?}\nretain_per_room = 0\n"
+         [auth]\njwt_secret = \"crash-secret\"\n[limits]\noutbound_queue = 100000\nrequests_per_minute = 0\n[store]\npath = {db:?}\nretain_per_room = 0\n"
     );
     std::fs::write(&config, text).expect("write config");
     let mut acked = Acknowledged::default();

@@ -1301,7 +1301,9 @@ async fn bloat(field: Field, conn: usize) {
                 }
                 Some("error") => {
                     let code = frame["code"].as_str().unwrap_or_default();
-                    (format!("error {code}"), code == "too_many_rooms" || code == "room_limit")
+                    // The request budget (`limits.requests_per_minute`)
+                    // refuses most of each round's burst.
+                    (format!("error {code}"), matches!(code, "too_many_rooms" | "room_limit" | "rate_limited"))
                 }
                 Some("presence") => continue,
                 _ => (format!("{frame}"), false),
@@ -1321,7 +1323,8 @@ async fn bloat(field: Field, conn: usize) {
         let mut left = 0;
         while left < joined.len() {
             match ws.rd.json_within(PROMPT).await {
-                Some(frame) if frame["type"] == "left" => left += 1,
+                // A leave refused by the request budget is an answer too.
+                Some(frame) if frame["type"] == "left" || frame["code"] == "rate_limited" => left += 1,
                 Some(_) => {}
                 None => return field.tally.record(BLOAT, "no answer to leave", false, started.elapsed()),
             }

@@ -410,6 +410,21 @@ mod tests {
     }
 
     #[test]
+    fn an_outbound_byte_budget_too_small_for_a_message_and_its_ack_is_refused() {
+        let text = "[limits]\nmax_message_bytes = 16384\noutbound_queue_bytes = 40000\n";
+        let problems = parse(text).expect_err("40000 bytes cannot hold two 16 KiB echoes and their acks");
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!((problems[0].line, problems[0].key.as_deref()), (3, Some("limits.outbound_queue_bytes")));
+        assert!(problems[0].message.contains("must be between 40960"), "{}", problems[0]);
+        assert!(problems[0].message.contains("got 40000"), "{}", problems[0]);
+        let problems = parse("[limits]\noutbound_queue_bytes = 2147483648\n").expect_err("over 1 GiB");
+        assert_eq!(problems[0].key.as_deref(), Some("limits.outbound_queue_bytes"));
+        let limits = parse("[limits]\noutbound_queue_bytes = 40960\n").expect("the minimum").limits;
+        assert_eq!(limits.outbound_queue_bytes, 40960);
+        assert_eq!(parse("").expect("defaults").limits.outbound_queue_bytes, 4 * 1024 * 1024);
+    }
+
+    #[test]
     fn semantic_problems_point_at_the_key() {
         let problems = parse("[timeouts]\nping_interval = \"30s\"\nidle = \"10s\"\n").expect_err("idle < ping");
         assert_eq!(problems.len(), 1);

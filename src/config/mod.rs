@@ -317,6 +317,15 @@ fn ip_networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<
 /// writer may not have taken the first when the second arrives.
 pub const MIN_OUTBOUND_QUEUE: usize = 2;
 
+/// Most `limits.outbound_queue_bytes` (1 GiB).
+pub const MAX_OUTBOUND_QUEUE_BYTES: usize = 1 << 30;
+
+/// Room for a message's echo around its content (room, nick, user id,
+/// ids, the frame header) and for its `ack`: `limits.outbound_queue_bytes`
+/// must hold two largest messages and this much more (see
+/// [`LimitsConfig::min_outbound_queue_bytes`]).
+const OUTBOUND_REPLY_SLACK: usize = 4096;
+
 /// `[limits]`: sizes, enforced before anything is buffered whole.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -327,6 +336,9 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Frames that may wait for one client before it is closed as a slow consumer.
     pub outbound_queue: usize,
+    /// Bytes that may wait for one client before it is closed as a slow
+    /// consumer (a single frame is always let in, however large).
+    pub outbound_queue_bytes: usize,
     /// Requests other than messages (`join`, `leave`, `nick`, `history`,
     /// `report`, a member's moderation requests) one connection may make
     /// per minute, sustained; 0 for no limit.
@@ -335,12 +347,23 @@ pub struct LimitsConfig {
     pub requests_burst: u32,
 }
 
+impl LimitsConfig {
+    /// Smallest `outbound_queue_bytes` for these limits. The reader pauses
+    /// at half the budget, so one message's replies (its echo, up to
+    /// `max_message_bytes` plus the envelope, and its `ack`) must fit in
+    /// the other half.
+    pub fn min_outbound_queue_bytes(&self) -> usize {
+        2 * (self.max_message_bytes + OUTBOUND_REPLY_SLACK)
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_frame_bytes: 16 * 1024,
             max_message_bytes: 16 * 1024,
             outbound_queue: 1024,
+            outbound_queue_bytes: 4 * 1024 * 1024,
             requests_per_minute: 120,
             requests_burst: 40,
         }
@@ -525,6 +548,17 @@ impl Config {
                 "must be between {MIN_OUTBOUND_QUEUE} and 1000000 (a message is answered with its echo and its `ack`, \
                  and the queue must hold both), got {}",
                 limits.outbound_queue
+            ),
+        );
+        let min_bytes = limits.min_outbound_queue_bytes();
+        check(
+            (min_bytes..=MAX_OUTBOUND_QUEUE_BYTES).contains(&limits.outbound_queue_bytes),
+            "limits.outbound_queue_bytes",
+            format!(
+                "must be between {min_bytes} (twice limits.max_message_bytes plus {}: a message's echo and its \
+                 `ack` must fit in half the budget) and {MAX_OUTBOUND_QUEUE_BYTES}, got {}",
+                2 * OUTBOUND_REPLY_SLACK,
+                limits.outbound_queue_bytes
             ),
         );
         check(
