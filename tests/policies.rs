@@ -246,6 +246,7 @@ async fn an_unknown_filter_kind_is_refused_at_start_with_its_place() {
     assert!(problems.to_string().contains("unknown filter kind `nope`"), "{problems}");
 }
 
+#[cfg(feature = "link-guard")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundled_plugin_refuses_a_message_end_to_end() {
     let config = wardroom::config::parse("[[filters]]\nkind = \"link_guard\"\nallow = [\"example.com\"]\n").unwrap();
