@@ -13,9 +13,10 @@
 //!   (an idle connection owns no read buffer), parses frames and acts on them.
 //!   It never waits for the writer, except by design: while the client's own
 //!   outbox is at least half full, in frames or in bytes, counting the
-//!   replies its requests still owe it (`Outbox::backlog`), the reader pauses, so a client that sends
-//!   faster than it reads is slowed by TCP instead of buffered without bound,
-//!   and the replies to what it pipelined always fit in its queue.
+//!   replies its requests still owe it (`Outbox::backlog`), the reader
+//!   pauses, so a client that sends faster than it reads is slowed by TCP
+//!   instead of buffered without bound, and the replies to what it
+//!   pipelined always fit in its queue.
 //!   It also pauses after `REQUESTS_PER_POLL` requests and yields the
 //!   worker thread, so a client that keeps requests in flight (history
 //!   pages, say) is served in turn with everyone else rather than first.
